@@ -1,0 +1,78 @@
+"""The Python API under the CLI: `train(config)` and `load(run_dir)`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from plait.config import Config, build_config, resolve_model_args
+
+if TYPE_CHECKING:
+    from plait.model import Transformer
+    from plait.trainer import TrainResult
+
+
+def train(config: Config | None = None, **overrides: object) -> "TrainResult":
+    """Train the run `config` describes (default: the built-in default run).
+
+    Keyword overrides use "section__key" names: `plait.train(train__steps=100)`.
+    """
+    from plait.config import set_value, validate
+    from plait.trainer import train as run_training
+
+    cfg = config if config is not None else Config()
+    for key, value in overrides.items():
+        set_value(cfg, key.replace("__", "."), value)
+    validate(cfg)
+    return run_training(cfg)
+
+
+@dataclass
+class LoadedRun:
+    """A trained model with its tokenizer and config, ready to sample or evaluate."""
+
+    model: "Transformer"
+    tokenizer: object
+    config: Config
+    step: int
+    path: Path
+
+    def generate(self, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 50, seed: int = 0) -> str:
+        """The prompt followed by sampled text (stops early at the document separator)."""
+        from plait.model import generate
+
+        tok = self.tokenizer
+        ids = generate(
+            self.model, tok.encode(prompt), max_new_tokens, temperature=temperature, top_k=top_k,
+            seed=seed, stop_id=tok.eos_id, vocab_limit=tok.vocab_size,
+        )
+        return prompt + tok.decode(ids)
+
+
+def load(run_dir: str | Path, step: int | None = None, device: str = "cpu") -> LoadedRun:
+    """The model of a run directory at its `latest` checkpoint (or at `step`), in eval mode."""
+    import torch
+
+    from plait.checkpoint import checkpoint_dir, latest_checkpoint, load_model_weights, read_state
+    from plait.data import load_tokenizer_dir
+    from plait.model import build_model, materialize
+
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.toml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{run_dir} has no config.toml: is it a plait run directory?")
+    cfg = build_config(str(config_file))
+    tokenizer = load_tokenizer_dir(run_dir)
+    if step is None:
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            raise FileNotFoundError(f"{run_dir} has no complete checkpoint under {checkpoint_dir(run_dir)}")
+    else:
+        path = checkpoint_dir(run_dir) / f"step_{step}"
+    saved_step = int(read_state(path)["step"])
+    args = resolve_model_args(cfg.model, tokenizer.vocab_size)
+    model = materialize(build_model(args), torch.device(device), cfg.run.seed)
+    load_model_weights(path, model)
+    model.eval()
+    return LoadedRun(model=model, tokenizer=tokenizer, config=cfg, step=saved_step, path=path)

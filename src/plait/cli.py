@@ -1,0 +1,118 @@
+"""The `plait` command: a thin layer over the Python API.
+
+    plait train [--config FILE] [--section.key=value ...]
+    plait prepare [--config FILE] --out DIR [--data.key=value ...]
+    plait report RUN_DIR
+    plait generate RUN_DIR --prompt TEXT
+    plait config [--config FILE] [--section.key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from plait.config import ConfigError, build_config, to_toml
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="plait",
+        description="Train transformer language models. Any config field is set with --section.key=value.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (or resume) a model; no arguments: the default run")
+    p.add_argument("--config", help="TOML config file (see configs/)")
+
+    p = sub.add_parser("prepare", help="pre-tokenize a corpus into memory-mapped binary shards")
+    p.add_argument("--config", help="TOML config file; only [data] is used")
+    p.add_argument("--out", required=True, help="output directory (use it as data.corpus)")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
+
+    p = sub.add_parser("report", help="plot a run's loss and throughput into RUN_DIR/report/")
+    p.add_argument("run_dir")
+
+    p = sub.add_parser("generate", help="sample text from a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 samples greedily")
+    p.add_argument("--top-k", type=int, default=50, help="0 keeps every token")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("config", help="print the resolved config as TOML")
+    p.add_argument("--config", help="TOML config file")
+    return parser
+
+
+def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from plait.api import train
+
+    cfg = build_config(args.config, overrides)
+    result = train(cfg)
+    val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+    print(f"done: step {result.step}, val_loss {val}, run dir {result.run_dir}")
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
+    from plait.data import build_tokenizer, prepare_corpus
+
+    cfg = build_config(args.config, overrides)
+    tokenizer = build_tokenizer(cfg.data)
+    meta = prepare_corpus(cfg.data, tokenizer, Path(args.out), shard_tokens=args.shard_tokens)
+    splits = meta.get("splits", {})
+    counts = ", ".join(f"{name}: {info.get('tokens', '?')} tokens" for name, info in splits.items())
+    print(f"prepared {cfg.data.corpus} with tokenizer {tokenizer.name} into {args.out} ({counts})")
+    print(f"train on it with --data.corpus={args.out}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace, overrides: list[str]) -> int:
+    from plait.report import format_summary, write_report
+
+    print(format_summary(write_report(args.run_dir)))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
+    from plait.api import load
+
+    run = load(args.run_dir, step=args.step, device=args.device)
+    print(run.generate(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
+    print(to_toml(build_config(args.config, overrides).to_dict()), end="")
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "prepare": _cmd_prepare, "report": _cmd_report,
+            "generate": _cmd_generate, "config": _cmd_config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = _parser().parse_known_args(argv)
+    if rest and args.command in ("report", "generate"):
+        print(f"plait {args.command}: unexpected arguments {' '.join(rest)}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[args.command](args, rest)
+    except ConfigError as err:
+        print(f"plait: config error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"plait: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("plait: interrupted; the last complete checkpoint is kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,464 @@
+"""The config tree: one dataclass per section, TOML files, `--section.key=value` overrides.
+
+Every user-facing check lives here and runs before any model, data or worker is built, so a bad
+value fails in a second with a message that names the field, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
+
+if TYPE_CHECKING:
+    from plait.model.sizes import ModelArgs
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config: the message names the field, the value and the fix."""
+
+
+@dataclass
+class ModelSection:
+    """The network. `name` picks a named size; every other field set here overrides it."""
+
+    name: str = "tiny"
+    layers: int | None = None
+    hidden: int | None = None
+    heads: int | None = None
+    kv_heads: int | None = None
+    mlp: Literal["swiglu", "gelu"] | None = None
+    ffn_hidden: int | None = None
+    # Embedding rows. Unset: the tokenizer's vocabulary padded up to `vocab_multiple`.
+    # Set: used as is, and must be at least the tokenizer's vocabulary.
+    vocab: int | None = None
+    vocab_multiple: int = 64
+    tie_embeddings: bool | None = None
+    rope_theta: float | None = None
+    # Llama-3 frequency scaling of the rotary embedding; 0 switches it off.
+    rope_scaling_factor: float | None = None
+    norm_eps: float | None = None
+    init_std: float = 0.02
+
+
+@dataclass
+class DataSection:
+    """Where tokens come from."""
+
+    # "stdlib" (the running Python's standard library source), a text file, a folder of text
+    # files, a .jsonl/.json/.parquet file, or a directory written by `plait prepare`.
+    corpus: str = "stdlib"
+    # "byte" (vocab 256), "bpe" (trained on the corpus and cached), or a path to a tokenizer.json.
+    tokenizer: str = "byte"
+    bpe_vocab: int = 4096
+    # Field holding the text in JSONL/parquet records.
+    text_field: str = "text"
+    # Share of documents (files, records) held out for validation, chosen by a hash of their name.
+    val_fraction: float = 0.02
+    # Where tokenized corpora are cached; empty means ~/.cache/plait (or $PLAIT_CACHE).
+    cache_dir: str = ""
+
+
+@dataclass
+class TrainSection:
+    """The step: batch, length, precision, and how often to evaluate."""
+
+    # The defaults are the out-of-the-box run: ~1.2M byte tokens, a few minutes on a 2-core CPU.
+    steps: int = 150
+    seq_len: int = 256
+    # Tokens per optimizer step across all ranks. Must be a multiple of seq_len * micro_batch_size.
+    global_batch_tokens: int = 8192
+    # Sequences per forward pass on one rank; gradient accumulation makes up the rest.
+    micro_batch_size: int = 32
+    # "auto": bf16 autocast on a GPU, fp32 on a CPU (where bf16 matmuls are usually slower).
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    eval_every: int = 50
+    eval_batches: int = 8
+    log_every: int = 10
+    device: str = "auto"
+    # Tokens to sample at the end of the run (0: no sample).
+    sample_tokens: int = 200
+    sample_prompt: str = "def "
+
+
+@dataclass
+class OptimSection:
+    """Optimizer and learning-rate schedule."""
+
+    name: Literal["adamw"] = "adamw"
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 20
+    # Warmup-stable-decay: the share of all steps spent in the final decay.
+    decay_fraction: float = 0.2
+
+
+@dataclass
+class CheckpointSection:
+    """When to save and what to resume from."""
+
+    every: int = 50
+    keep_last: int = 2
+    # Resume from the run directory's `latest` checkpoint when there is one.
+    resume: bool = True
+    # Always save once at the last step.
+    save_final: bool = True
+
+
+@dataclass
+class RunSection:
+    """Where the run lives and how it is seeded."""
+
+    dir: str = ""
+    name: str = "default"
+    seed: int = 1234
+    tensorboard: bool = True
+    # "auto": a live progress bar on a terminal, plain log lines otherwise.
+    progress: Literal["auto", "rich", "plain", "none"] = "auto"
+
+
+@dataclass
+class ParallelSection:
+    """Parallel layout. Reserved: every degree must be 1 until the parallel trainer lands."""
+
+    dp_replicate_degree: int = 1
+    dp_shard_degree: int = 1
+    tp_degree: int = 1
+    pp_degree: int = 1
+    cp_degree: int = 1
+    ep_degree: int = 1
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    run: RunSection = field(default_factory=RunSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict; unset (None) fields are left out so it writes as TOML."""
+        out: dict[str, dict[str, Any]] = {}
+        for sec in dataclasses.fields(self):
+            values = dataclasses.asdict(getattr(self, sec.name))
+            out[sec.name] = {k: v for k, v in values.items() if v is not None}
+        return out
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section_class(name: str) -> type:
+    return type(getattr(Config(), name))
+
+
+def _nearest(word: str, options: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    return f"; valid: {', '.join(prefix + o for o in sorted(options))}"
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(where: str, value: Any, annotation: Any) -> Any:
+    """Turn a TOML value or a command-line string into the field's type, or raise ConfigError."""
+    origin = get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(where, value, options[0])
+    if origin is Literal:
+        allowed = list(get_args(annotation))
+        if value not in allowed:
+            raise ConfigError(
+                f"{where} = {value!r} is not one of {allowed}{_nearest(str(value), [str(a) for a in allowed])}"
+            )
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where} = {value!r} is not a boolean; use true or false")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} = {value!r} is not an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value.replace("_", ""))
+            except ValueError:
+                number = math.nan
+            if number.is_integer():
+                return int(number)
+        raise ConfigError(f"{where} = {value!r} is not an integer")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} = {value!r} is not a number")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where} = {value!r} is not a string; quote it")
+    raise AssertionError(f"unsupported config annotation {annotation} for {where}")
+
+
+def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    """Set `section.key` from a TOML value or a string, checking the name and the type."""
+    if "." not in dotted:
+        raise ConfigError(
+            f"'{dotted}' is not of the form section.key{_nearest(dotted, list(SECTIONS))}"
+        )
+    section, key = dotted.split(".", 1)
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config section '{section}'{_nearest(section, list(SECTIONS))}")
+    types_ = _field_types(_section_class(section))
+    if key not in types_:
+        raise ConfigError(f"unknown key '{section}.{key}'{_nearest(key, list(types_), section + '.')}")
+    setattr(getattr(cfg, section), key, _coerce(f"{section}.{key}", value, types_[key]))
+
+
+def apply_dict(cfg: Config, data: dict[str, Any], source: str = "config") -> Config:
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"{source}: unknown section [{section}]{_nearest(section, list(SECTIONS))}"
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table of key = value")
+        for key, value in values.items():
+            try:
+                set_value(cfg, f"{section}.{key}", value)
+            except ConfigError as err:
+                raise ConfigError(f"{source}: {err}") from None
+    return cfg
+
+
+def load_toml(path: str | Path, cfg: Config | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    return apply_dict(cfg or Config(), data, source=str(path))
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """`--section.key=value` or `--section.key value` pairs from the command line."""
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unexpected argument '{arg}'; overrides look like --train.steps=100")
+        body = arg[2:]
+        if "=" in body:
+            key, value = body.split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{body} needs a value, e.g. --{body}=VALUE")
+            key, value = body, args[i + 1]
+            i += 1
+        pairs.append((key, value))
+        i += 1
+    return pairs
+
+
+def build_config(config_file: str | None = None, overrides: list[str] | None = None) -> Config:
+    """A validated Config from an optional TOML file and command-line overrides (later wins)."""
+    cfg = load_toml(config_file) if config_file else Config()
+    for key, value in parse_overrides(overrides or []):
+        set_value(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks that need no model or data; raise ConfigError on the first."""
+    from plait.model.sizes import NAMED_SIZES  # model configs only: cheap, no torch work
+
+    m, d, t, o, c, r, p = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.checkpoint, cfg.run, cfg.parallel
+    _require(
+        m.name in NAMED_SIZES,
+        f"model.name = {m.name!r} is not a named size{_nearest(m.name, list(NAMED_SIZES))}",
+    )
+    for key in ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab"):
+        value = getattr(m, key)
+        _require(value is None or value >= 1, f"model.{key} = {value} must be at least 1")
+    resolve_model_args(m)  # shape rules (heads, kv heads, head dim) with the overrides applied
+    _require(m.vocab_multiple >= 1, f"model.vocab_multiple = {m.vocab_multiple} must be at least 1")
+    _require(m.init_std > 0, f"model.init_std = {m.init_std} must be positive")
+    _require(
+        0.0 <= d.val_fraction < 0.5,
+        f"data.val_fraction = {d.val_fraction} must be in [0, 0.5); 0.02 holds out 2% of documents",
+    )
+    _require(d.bpe_vocab >= 260, f"data.bpe_vocab = {d.bpe_vocab} must be at least 260 (256 bytes + specials)")
+    for key in ("steps", "seq_len", "global_batch_tokens", "micro_batch_size", "eval_batches", "log_every"):
+        value = getattr(t, key)
+        _require(value >= 1, f"train.{key} = {value} must be at least 1")
+    _require(t.eval_every >= 0, f"train.eval_every = {t.eval_every} must be >= 0 (0: never)")
+    _require(t.sample_tokens >= 0, f"train.sample_tokens = {t.sample_tokens} must be >= 0")
+    per_forward = t.seq_len * t.micro_batch_size
+    if t.global_batch_tokens % t.seq_len:
+        lower = max(t.seq_len, t.global_batch_tokens // t.seq_len * t.seq_len)
+        raise ConfigError(
+            f"train.global_batch_tokens = {t.global_batch_tokens} is not a multiple of "
+            f"train.seq_len = {t.seq_len}; use {lower}"
+        )
+    sequences = t.global_batch_tokens // t.seq_len
+    if sequences % t.micro_batch_size:
+        divisors = [b for b in range(1, sequences + 1) if sequences % b == 0 and b <= t.micro_batch_size]
+        raise ConfigError(
+            f"train.global_batch_tokens = {t.global_batch_tokens} is {sequences} sequences of "
+            f"{t.seq_len}, not a multiple of train.micro_batch_size = {t.micro_batch_size} "
+            f"({per_forward} tokens per forward); set train.micro_batch_size = {divisors[-1]} "
+            f"or train.global_batch_tokens = {math.ceil(sequences / t.micro_batch_size) * per_forward}"
+        )
+    _require(o.lr > 0, f"optim.lr = {o.lr} must be positive")
+    _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio = {o.min_lr_ratio} must be in [0, 1]")
+    _require(o.weight_decay >= 0, f"optim.weight_decay = {o.weight_decay} must be >= 0")
+    _require(0 <= o.beta1 < 1, f"optim.beta1 = {o.beta1} must be in [0, 1)")
+    _require(0 <= o.beta2 < 1, f"optim.beta2 = {o.beta2} must be in [0, 1)")
+    _require(o.eps > 0, f"optim.eps = {o.eps} must be positive")
+    _require(o.grad_clip >= 0, f"optim.grad_clip = {o.grad_clip} must be >= 0 (0: no clipping)")
+    _require(o.warmup_steps >= 0, f"optim.warmup_steps = {o.warmup_steps} must be >= 0")
+    _require(0 < o.decay_fraction <= 1, f"optim.decay_fraction = {o.decay_fraction} must be in (0, 1]")
+    _require(c.every >= 0, f"checkpoint.every = {c.every} must be >= 0 (0: only the final save)")
+    _require(c.keep_last >= 1, f"checkpoint.keep_last = {c.keep_last} must be at least 1")
+    _require(r.name != "" and "/" not in r.name, f"run.name = {r.name!r} must be a plain non-empty name")
+    for key in ("dp_replicate_degree", "dp_shard_degree", "tp_degree", "pp_degree", "cp_degree", "ep_degree"):
+        value = getattr(p, key)
+        _require(
+            value == 1,
+            f"parallel.{key} = {value}: parallel layouts are not available in this version of plait; "
+            f"set it to 1",
+        )
+
+
+def to_toml(data: dict[str, dict[str, Any]]) -> str:
+    """Write the two-level dict of `Config.to_dict()` as TOML (strings, numbers, booleans)."""
+
+    def fmt(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (int, float)):
+            return repr(value)
+        if isinstance(value, str):
+            escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            return f'"{escaped}"'
+        raise TypeError(f"cannot write {value!r} as TOML")
+
+    lines: list[str] = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {fmt(value)}" for key, value in values.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def resolve_model_args(m: ModelSection, tokenizer_vocab: int | None = None) -> "ModelArgs":
+    """The named size with this section's overrides applied, shape rules checked.
+
+    `tokenizer_vocab` is the tokenizer's vocabulary when known: the embedding then has at least
+    that many rows (padded up to `vocab_multiple` when the size does not fix the vocabulary).
+    """
+    from plait.model.sizes import NAMED_SIZES
+
+    if m.name not in NAMED_SIZES:
+        raise ConfigError(f"model.name = {m.name!r} is not a named size{_nearest(m.name, list(NAMED_SIZES))}")
+    base = NAMED_SIZES[m.name]
+    changes: dict[str, Any] = {}
+    for key, arg in (
+        ("layers", "layers"), ("hidden", "hidden"), ("heads", "heads"), ("kv_heads", "kv_heads"),
+        ("mlp", "mlp"), ("ffn_hidden", "ffn_hidden"), ("tie_embeddings", "tie_embeddings"),
+        ("rope_theta", "rope_theta"), ("rope_scaling_factor", "rope_scaling_factor"), ("norm_eps", "norm_eps"),
+    ):
+        value = getattr(m, key)
+        if value is not None:
+            changes[arg] = value
+    if m.heads is not None and m.kv_heads is None and base.kv_heads > m.heads:
+        changes["kv_heads"] = m.heads  # shrinking heads alone keeps the model valid
+    if m.mlp is not None and m.mlp != base.mlp and m.ffn_hidden is None:
+        changes["ffn_hidden"] = None  # the named width was for the other MLP: use the new default
+    changes["init_std"] = m.init_std
+    args = base.replace(**changes)
+
+    if args.hidden % args.heads:
+        raise ConfigError(
+            f"model.hidden = {args.hidden} is not divisible by model.heads = {args.heads}; "
+            f"pick heads among {[h for h in range(1, min(args.hidden, 128) + 1) if args.hidden % h == 0][-6:]}"
+        )
+    if args.head_dim % 2:
+        raise ConfigError(
+            f"model.hidden / model.heads = {args.head_dim} must be even for rotary embeddings; "
+            f"change model.heads or model.hidden"
+        )
+    if args.kv_heads > args.heads or args.heads % args.kv_heads:
+        options = [k for k in range(1, args.heads + 1) if args.heads % k == 0]
+        raise ConfigError(
+            f"model.kv_heads = {args.kv_heads} must divide model.heads = {args.heads} "
+            f"(grouped-query attention); valid: {options}"
+        )
+
+    if m.vocab is not None:
+        vocab = m.vocab
+        if tokenizer_vocab is not None and vocab < tokenizer_vocab:
+            raise ConfigError(
+                f"model.vocab = {vocab} is smaller than the tokenizer's vocabulary ({tokenizer_vocab}); "
+                f"set model.vocab >= {tokenizer_vocab} or leave it unset"
+            )
+    elif base.vocab is not None and (tokenizer_vocab is None or base.vocab >= tokenizer_vocab):
+        vocab = base.vocab
+    elif tokenizer_vocab is not None:
+        vocab = -(-tokenizer_vocab // m.vocab_multiple) * m.vocab_multiple
+    else:
+        vocab = None
+    return args.replace(vocab=vocab)

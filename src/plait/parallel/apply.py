@@ -1,0 +1,27 @@
+"""The one place that transforms the model for training, in a fixed order.
+
+Order and why:
+1. activation checkpointing wraps each block first, so compilation (2) sees the recomputation
+   boundary and compiles the block's inside once;
+2. torch.compile per block (not the whole model): blocks share code, so one compiled graph
+   serves every layer, and a graph break stays local to a block.
+Later: tensor parallel before checkpointing, data-parallel sharding (FSDP) last, as FSDP must
+wrap the final modules.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from plait.config import TrainSection
+from plait.parallel.activation_checkpoint import apply_activation_checkpointing
+
+
+def apply_layout(model: nn.Module, train: TrainSection) -> nn.Module:
+    if train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if train.compile:
+        for block in model.layers.values():
+            # In place (Module.compile), so parameter names do not gain an "_orig_mod." part.
+            block.compile()
+    return model

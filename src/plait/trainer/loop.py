@@ -1,0 +1,185 @@
+"""The training loop, top to bottom: set up, (resume), step, evaluate, save, sample.
+
+One optimizer step = `accumulation_steps` forward/backward passes over micro-batches whose tokens
+add up to `train.global_batch_tokens`. The loss of a step is the mean over all its tokens, so it
+does not depend on how the batch is split.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plait._version import __version__
+from plait.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from plait.config import Config, resolve_model_args, validate
+from plait.data import TrainLoader, build_data, iter_eval_batches, save_tokenizer
+from plait.hardware import peak_flops
+from plait.model import Transformer, build_model, generate, materialize
+from plait.optim import build_optimizer, lr_at
+from plait.parallel import apply_layout
+from plait.trainer.metrics import MetricsLogger
+from plait.trainer.progress import ProgressDisplay, human
+from plait.trainer.setup import derive, memory_bytes, pick_device, resolved_config, write_run_config
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    loss: float | None
+    val_loss: float | None
+    sample: str | None
+    model: Transformer
+
+
+def autocast_for(device: torch.device, dtype: str):
+    if dtype == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def lm_loss(model: nn.Module, batch_BT1: torch.Tensor, autocast) -> torch.Tensor:
+    """Mean next-token cross-entropy over the batch; logits are upcast so the softmax is fp32."""
+    with autocast:
+        logits_BTV = model(batch_BT1[:, :-1])
+    return F.cross_entropy(logits_BTV.float().flatten(0, 1), batch_BT1[:, 1:].flatten())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, val_tokens, cfg: Config, device: torch.device, dtype: str) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for batch in iter_eval_batches(val_tokens, cfg.train.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches):
+        batch = batch.to(device, non_blocking=True)
+        total += lm_loss(model, batch, autocast_for(device, dtype)).item() * batch.shape[0]
+        count += batch.shape[0]
+    model.train()
+    return total / count
+
+
+def train(cfg: Config) -> TrainResult:
+    """Train (or resume) the run described by `cfg`; returns the final numbers and the model."""
+    validate(cfg)
+    t, o = cfg.train, cfg.optim
+    device = pick_device(t.device)
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    # Data first: the tokenizer fixes the vocabulary and so the model's shape.
+    data = build_data(cfg.data)
+    args = resolve_model_args(cfg.model, data.tokenizer.vocab_size)
+    derived = derive(cfg, args, device)
+    cfg = resolved_config(cfg, args)
+    write_run_config(run_dir, cfg, derived)
+    save_tokenizer(data.tokenizer, run_dir)
+
+    torch.manual_seed(cfg.run.seed)
+    model = materialize(build_model(args), device, cfg.run.seed)
+    model = apply_layout(model, t)
+    optimizer = build_optimizer(model, o)
+    loader = TrainLoader(data.train, t.seq_len, derived.sequences_per_step, seed=cfg.run.seed)
+    autocast = autocast_for(device, derived.dtype)
+
+    step, tokens_seen = 0, 0
+    checkpoint = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
+    if checkpoint is not None:
+        restored = load_checkpoint(checkpoint, model, optimizer)
+        loader.load_state_dict(restored.state["loader"])
+        step, tokens_seen = restored.step, int(restored.state["tokens_seen"])
+    progress = ProgressDisplay(cfg.run.progress, t.steps, step)
+    if checkpoint is not None:
+        progress.print(f"resumed from {checkpoint} (step {step}, {human(tokens_seen)} tokens)")
+    progress.print(
+        f"plait: {args.layers} layers x {args.hidden} hidden, {human(derived.params)} params, "
+        f"{human(derived.flops_per_token)} FLOPs/token | {derived.device} {derived.dtype} | "
+        f"{derived.tokens_per_step} tokens/step = {derived.sequences_per_step} x {t.seq_len} "
+        f"({derived.accumulation_steps} x {derived.micro_batch_size} sequences) | run dir {run_dir}"
+    )
+    peak = peak_flops(torch.cuda.get_device_name(device), derived.dtype) if device.type == "cuda" else None
+    metrics = MetricsLogger(run_dir, cfg.run.tensorboard)
+
+    def save(at_step: int) -> None:
+        state = {
+            "plait_version": __version__, "tokens_seen": tokens_seen,
+            "loader": loader.state_dict(), "config": cfg.to_dict(),
+        }
+        save_checkpoint(run_dir, at_step, model, optimizer, state, cfg.checkpoint.keep_last)
+
+    loss_sum = torch.zeros((), device=device)  # summed on device; read only when logging
+    logged_steps, last_loss, val_loss = 0, None, None
+    window_start, window_tokens = time.perf_counter(), 0
+    while step < t.steps:
+        step += 1
+        lr = lr_at(step, t.steps, o)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        batch = loader.next_batch().to(device, non_blocking=True)
+        for micro in batch.split(derived.micro_batch_size):
+            loss = lm_loss(model, micro, autocast) / derived.accumulation_steps
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip) if o.grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += derived.tokens_per_step
+        window_tokens += derived.tokens_per_step
+        logged_steps += 1
+
+        if step % t.log_every == 0 or step == t.steps:
+            last_loss = loss_sum.item() / logged_steps
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = window_tokens / elapsed
+            mfu = tokens_per_s * derived.flops_per_token / peak if peak else None
+            mem = memory_bytes(device)
+            record = {"loss": last_loss, "lr": lr, "tokens": tokens_seen, "tokens_per_s": tokens_per_s, "mem_bytes": mem}
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm.item()
+            if mfu is not None:
+                record["mfu"] = mfu
+            metrics.log("train", step, **record)
+            progress.update(step, last_loss, tokens_per_s, mfu, mem)
+            if not math.isfinite(last_loss):
+                metrics.close()
+                progress.close()
+                raise FloatingPointError(f"loss is {last_loss} at step {step}; lower optim.lr or check the data")
+            loss_sum.zero_()
+            logged_steps = 0
+            window_start, window_tokens = time.perf_counter(), 0
+
+        paused = False
+        if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+            val_loss = evaluate(model, data.val, cfg, device, derived.dtype)
+            metrics.log("val", step, tokens=tokens_seen, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
+            progress.print(f"step {step}: val_loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})")
+            paused = True
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (step == t.steps and cfg.checkpoint.save_final):
+            save(step)
+            paused = True
+        if paused:  # evaluation and saving are not training: restart the throughput window
+            window_start, window_tokens = time.perf_counter(), 0
+    progress.close()
+
+    sample = None
+    if t.sample_tokens:
+        tok = data.tokenizer
+        # Compiled blocks would recompile for every cache length: sample eagerly.
+        with torch.compiler.set_stance("force_eager"):
+            ids = generate(
+                model, tok.encode(t.sample_prompt), t.sample_tokens, temperature=0.8, top_k=50,
+                seed=cfg.run.seed, stop_id=tok.eos_id, vocab_limit=tok.vocab_size,
+            )
+        sample = t.sample_prompt + tok.decode(ids)
+        metrics.log("sample", step, prompt=t.sample_prompt, text=sample)
+        progress.print(f"--- sample after {step} steps ---\n{sample}\n---")
+    metrics.log("summary", step, tokens=tokens_seen, loss=last_loss, val_loss=val_loss, params=derived.params)
+    metrics.close()
+    return TrainResult(run_dir=run_dir, step=step, loss=last_loss, val_loss=val_loss, sample=sample, model=model)

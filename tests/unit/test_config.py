@@ -1,0 +1,108 @@
+"""Config parsing, overrides, and every user-error path: each names the field and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from plait.config import Config, ConfigError, build_config, load_toml, parse_overrides, resolve_model_args, to_toml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_validate_and_keep_documented_keys():
+    cfg = build_config()
+    for dotted in ("model.name", "data.corpus", "data.tokenizer", "train.steps", "train.seq_len",
+                   "train.global_batch_tokens", "train.eval_every", "optim.name", "optim.lr",
+                   "checkpoint.every", "run.dir", "run.seed"):
+        section, key = dotted.split(".")
+        assert hasattr(getattr(cfg, section), key), dotted
+
+
+def test_overrides_both_forms_and_types():
+    cfg = build_config(None, ["--train.steps=12", "--optim.lr", "1e-3", "--train.compile=true", "--model.name=debug"])
+    assert cfg.train.steps == 12 and isinstance(cfg.train.steps, int)
+    assert cfg.optim.lr == pytest.approx(1e-3)
+    assert cfg.train.compile is True
+    assert cfg.model.name == "debug"
+    assert parse_overrides(["--a.b=c=d"]) == [("a.b", "c=d")]
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("--trian.steps=3", "unknown config section 'trian'; did you mean 'train'"),
+        ("--train.stpes=3", "unknown key 'train.stpes'; did you mean 'train.steps'"),
+        ("--train.steps=abc", "train.steps = 'abc' is not an integer"),
+        ("--train.steps=0", "train.steps = 0 must be at least 1"),
+        ("--optim.lr=-1", "optim.lr = -1.0 must be positive"),
+        ("--optim.schedule=cosin", "did you mean 'cosine'"),
+        ("--train.compile=maybe", "train.compile = 'maybe' is not a boolean"),
+        ("--model.name=7b", "model.name = '7b' is not a named size"),
+        ("--model.kv_heads=3", "model.kv_heads = 3 must divide model.heads = 4"),
+        ("--model.heads=3", "model.hidden = 256 is not divisible by model.heads = 3"),
+        ("--train.global_batch_tokens=1000", "is not a multiple of train.seq_len = 256; use 768"),
+        ("--train.micro_batch_size=5", "set train.micro_batch_size = 4"),
+        ("--data.val_fraction=0.9", "data.val_fraction = 0.9 must be in [0, 0.5)"),
+        ("--parallel.tp_degree=2", "parallel.tp_degree = 2"),
+        ("--checkpoint.keep_last=0", "checkpoint.keep_last = 0 must be at least 1"),
+        ("steps=3", "unexpected argument 'steps=3'"),
+    ],
+)
+def test_errors_name_field_and_fix(override, expected):
+    with pytest.raises(ConfigError) as info:
+        build_config(None, [override])
+    assert expected in str(info.value)
+
+
+def test_toml_file_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[trainn]\nsteps = 3\n")
+    with pytest.raises(ConfigError, match=r"unknown section \[trainn\]; did you mean 'train'"):
+        load_toml(bad)
+    bad.write_text("[train]\nsteps = 'many'\n")
+    with pytest.raises(ConfigError, match="train.steps = 'many' is not an integer"):
+        load_toml(bad)
+    bad.write_text("[train\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_toml(bad)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_toml(tmp_path / "missing.toml")
+
+
+def test_round_trip_through_toml(tmp_path):
+    cfg = build_config(None, ["--model.name=debug", "--train.sample_prompt=a \"quoted\"\\ line", "--optim.eps=1e-8"])
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(cfg.to_dict()))
+    again = build_config(str(path))
+    assert again == cfg
+
+
+def test_shipped_configs_parse():
+    files = sorted((REPO / "configs").glob("*.toml"))
+    assert files, "configs/ ships at least one example"
+    for path in files:
+        build_config(str(path))
+
+
+def test_vocab_rules():
+    cfg = Config()
+    assert resolve_model_args(cfg.model, 256).vocab == 256
+    assert resolve_model_args(cfg.model, 300).vocab == 320  # padded to a multiple of 64
+    cfg.model.vocab = 512
+    assert resolve_model_args(cfg.model, 300).vocab == 512
+    cfg.model.vocab = 200
+    with pytest.raises(ConfigError, match="model.vocab = 200 is smaller than the tokenizer's vocabulary"):
+        resolve_model_args(cfg.model, 256)
+    cfg = Config()
+    cfg.model.name = "8b"
+    assert resolve_model_args(cfg.model, 256).vocab == 128256
+
+
+def test_mlp_override_changes_default_width():
+    cfg = Config()
+    cfg.model.name = "125m"
+    cfg.model.mlp = "gelu"
+    args = resolve_model_args(cfg.model)
+    assert args.mlp == "gelu" and args.ffn == 4 * 768
