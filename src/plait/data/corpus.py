@@ -47,11 +47,10 @@ def split_documents(names: list[str], val_fraction: float) -> list[bool]:
     """
     hashes = [stable_unit_hash(n) for n in names]
     is_val = [h < val_fraction for h in hashes]
-    if val_fraction > 0 and len(names) >= 2:
-        if not any(is_val):
-            is_val[min(range(len(names)), key=hashes.__getitem__)] = True
-        if all(is_val):
-            is_val[max(range(len(names)), key=hashes.__getitem__)] = False
+    if val_fraction > 0 and len(names) >= 2 and not any(is_val):
+        is_val[min(range(len(names)), key=hashes.__getitem__)] = True
+    if is_val and all(is_val):
+        is_val[max(range(len(names)), key=hashes.__getitem__)] = False
     return is_val
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from plait.config import ConfigError, DataSection
 from plait.data.corpus import Corpus, Split, corpus_identity, is_prepared_dir, open_corpus, resolve_cache_dir
-from plait.data.tokenizer import Tokenizer, pack_batch, save_tokenizer, tokenizer_fingerprint
+from plait.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, pack_batch, save_tokenizer, tokenizer_fingerprint
 
 FORMAT = "plait-shards"
 FORMAT_VERSION = 1
@@ -141,7 +141,9 @@ def prepare_corpus(
             "splits": splits,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        save_tokenizer(tokenizer, tmp)
+        if isinstance(tokenizer, (ByteTokenizer, HFTokenizer)):
+            # Self-contained: `data.corpus = <this dir>` with `data.tokenizer = "bpe"` loads it back.
+            save_tokenizer(tokenizer, tmp)
         # meta.json last: its presence is what marks a directory as complete.
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         _publish(tmp, out, overwrite, exist_ok)
