@@ -147,3 +147,23 @@ def test_activation_checkpointing_matches_plain(tmp_path):
 def test_compile_trains(tmp_path):
     result = plait.train(small_config(tmp_path, "--train.steps=4", "--train.compile=true", "--train.sample_tokens=10"))
     assert result.step == 4 and result.sample is not None
+
+
+def test_prepare_cli_then_train_on_shards(tmp_path):
+    corpus = tmp_path / "notes.jsonl"
+    lines = [json.dumps({"text": f"note {i}: " + "the quick brown fox jumps over the lazy dog. " * 8}) for i in range(60)]
+    corpus.write_text("\n".join(lines) + "\n")
+    out = _cli("prepare", f"--data.corpus={corpus}", "--data.tokenizer=bpe", "--data.bpe_vocab=300",
+               "--data.val_fraction=0.1", "--out", str(tmp_path / "shards"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "shards" / "meta.json").is_file()
+    result = plait.train(small_config(
+        tmp_path / "run", f"--data.corpus={tmp_path / 'shards'}", "--data.tokenizer=bpe",
+        "--data.bpe_vocab=300", "--data.val_fraction=0.1", "--train.steps=6", "--train.seq_len=32",
+        "--train.global_batch_tokens=256", "--train.eval_every=3",
+    ))
+    assert result.model.args.vocab == 320  # 300 padded to a multiple of 64
+    assert result.val_loss is not None and result.val_loss < 6.0
+    run = plait.load(tmp_path / "run")
+    assert run.tokenizer.vocab_size == 300
+    assert run.generate("note", max_new_tokens=5, temperature=0).startswith("note")
