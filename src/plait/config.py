@@ -118,7 +118,8 @@ class CheckpointSection:
 
     every: int = 50
     keep_last: int = 2
-    # Resume from the run directory's `latest` checkpoint when there is one.
+    # Resume from the run directory's `latest` checkpoint when there is one; false refuses to
+    # start in a run directory that already holds checkpoints (nothing is overwritten).
     resume: bool = True
     # Always save once at the last step.
     save_final: bool = True

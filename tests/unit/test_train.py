@@ -167,3 +167,13 @@ def test_prepare_cli_then_train_on_shards(tmp_path):
     run = plait.load(tmp_path / "run")
     assert run.tokenizer.vocab_size == 300
     assert run.generate("note", max_new_tokens=5, temperature=0).startswith("note")
+
+
+def test_refused_resume_leaves_run_dir_untouched(trained):
+    before = {p: p.read_bytes() for p in [trained / "config.toml", trained / "checkpoints" / "latest"]}
+    with pytest.raises(plait.ConfigError, match="cannot resume run.dir = .* Use a new --run.dir"):
+        plait.train(small_config(trained, "--train.steps=30", "--model.hidden=32"))
+    with pytest.raises(plait.ConfigError, match="already holds checkpoints .* checkpoint.resume = false"):
+        plait.train(small_config(trained, "--train.steps=30", "--checkpoint.resume=false"))
+    assert {p: p.read_bytes() for p in before} == before
+    assert plait.load(trained).step == 30

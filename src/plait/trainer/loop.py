@@ -19,7 +19,7 @@ from torch import nn
 
 from plait._version import __version__
 from plait.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from plait.config import Config, resolve_model_args, validate
+from plait.config import Config, ConfigError, resolve_model_args, validate
 from plait.data import TrainLoader, build_data, iter_eval_batches, save_tokenizer
 from plait.hardware import peak_flops
 from plait.model import Transformer, build_model, generate, materialize
@@ -78,8 +78,6 @@ def train(cfg: Config) -> TrainResult:
     args = resolve_model_args(cfg.model, data.tokenizer.vocab_size)
     derived = derive(cfg, args, device)
     cfg = resolved_config(cfg, args)
-    write_run_config(run_dir, cfg, derived)
-    save_tokenizer(data.tokenizer, run_dir)
 
     torch.manual_seed(cfg.run.seed)
     model = materialize(build_model(args), device, cfg.run.seed)
@@ -89,11 +87,25 @@ def train(cfg: Config) -> TrainResult:
     autocast = autocast_for(device, derived.dtype)
 
     step, tokens_seen = 0, 0
-    checkpoint = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None and not cfg.checkpoint.resume:
+        raise ConfigError(
+            f"run.dir = {str(run_dir)!r} already holds checkpoints ({checkpoint.name}) and "
+            f"checkpoint.resume = false; pick a new --run.dir, or drop --checkpoint.resume=false to resume"
+        )
     if checkpoint is not None:
-        restored = load_checkpoint(checkpoint, model, optimizer)
-        loader.load_state_dict(restored.state["loader"])
+        try:
+            restored = load_checkpoint(checkpoint, model, optimizer)
+            loader.load_state_dict(restored.state["loader"])
+        except ValueError as err:  # a different model or data shape than the one saved
+            raise ConfigError(
+                f"cannot resume run.dir = {str(run_dir)!r} from {checkpoint.name}: {err}. "
+                f"Use a new --run.dir for a different config"
+            ) from None
         step, tokens_seen = restored.step, int(restored.state["tokens_seen"])
+    # Written only now, so that a refused resume leaves the run directory as it was.
+    write_run_config(run_dir, cfg, derived)
+    save_tokenizer(data.tokenizer, run_dir)
     progress = ProgressDisplay(cfg.run.progress, t.steps, step)
     if checkpoint is not None:
         progress.print(f"resumed from {checkpoint} (step {step}, {human(tokens_seen)} tokens)")
