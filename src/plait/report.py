@@ -23,7 +23,9 @@ else:  # pragma: no cover - python 3.10
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.toml"
-# How many of the last train losses are averaged into `final_loss`: one step's loss is noisy.
+# `final_loss` averages the train lines of the last this-many steps: one step's loss is noisy.
+# A line already averages the steps since the previous one, so with train.log_every >= 10 this
+# is just the last line.
 FINAL_LOSS_WINDOW = 10
 
 # (config section, key, summary key): shown in the summary when the run's config has them.
@@ -148,7 +150,13 @@ def _summarise(metrics: dict[str, list[dict[str, Any]]], run_dir: Path) -> dict[
     }
     # NaN steps are counted, not averaged: one NaN would otherwise turn every mean into NaN.
     summary["nan_steps"] = sum(1 for r in train if not _is_finite(r.get("loss")))
-    window = [r["loss"] for r in train[-FINAL_LOSS_WINDOW:] if _is_finite(r.get("loss"))]
+    last_step = train[-1]["step"]
+    window = [
+        r["loss"] for r in train
+        if r["step"] > last_step - FINAL_LOSS_WINDOW and _is_finite(r.get("loss"))
+    ]
+    if not window:  # the last steps were NaN: fall back to the last finite losses
+        window = [r["loss"] for r in train if _is_finite(r.get("loss"))][-FINAL_LOSS_WINDOW:]
     summary["final_loss"] = statistics.fmean(window) if window else None
     speeds = [r["tokens_per_s"] for r in train if _is_finite(r.get("tokens_per_s"))]
     summary["median_tokens_per_s"] = statistics.median(speeds) if speeds else None

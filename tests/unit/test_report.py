@@ -210,3 +210,9 @@ def test_bad_line_in_middle_names_file_and_line(tmp_path: Path) -> None:
 )
 def test_format_tokens(n: float, text: str) -> None:
     assert format_tokens(n) == text
+
+
+def test_final_loss_spans_steps_not_lines(tmp_path: Path) -> None:
+    # Logged every 10 steps: each line already averages 10 steps, so only the last one counts.
+    _write_jsonl(tmp_path, [_train(step, 5.0 - step / 100) for step in range(10, 101, 10)])
+    assert write_report(tmp_path).summary["final_loss"] == pytest.approx(4.0)
