@@ -74,8 +74,8 @@ class DataSection:
 class TrainSection:
     """The step: batch, length, precision, and how often to evaluate."""
 
-    # The defaults are the out-of-the-box run: ~1.2M byte tokens, a few minutes on a 2-core CPU.
-    steps: int = 150
+    # The defaults are the out-of-the-box run: ~1M byte tokens, about 3 minutes on a 2-core CPU.
+    steps: int = 120
     seq_len: int = 256
     # Tokens per optimizer step across all ranks. Must be a multiple of seq_len * micro_batch_size.
     global_batch_tokens: int = 8192
@@ -85,7 +85,7 @@ class TrainSection:
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     activation_checkpointing: bool = False
     compile: bool = False
-    eval_every: int = 50
+    eval_every: int = 40
     eval_batches: int = 8
     log_every: int = 10
     device: str = "auto"
@@ -116,7 +116,7 @@ class OptimSection:
 class CheckpointSection:
     """When to save and what to resume from."""
 
-    every: int = 50
+    every: int = 40
     keep_last: int = 2
     # Resume from the run directory's `latest` checkpoint when there is one; false refuses to
     # start in a run directory that already holds checkpoints (nothing is overwritten).

@@ -27,7 +27,7 @@ from plait.optim import build_optimizer, lr_at
 from plait.parallel import apply_layout
 from plait.trainer.metrics import MetricsLogger
 from plait.trainer.progress import ProgressDisplay, human
-from plait.trainer.setup import derive, memory_bytes, pick_device, resolved_config, write_run_config
+from plait.trainer.setup import config_lines, derive, memory_bytes, pick_device, resolved_config, write_run_config
 
 
 @dataclass
@@ -115,6 +115,8 @@ def train(cfg: Config) -> TrainResult:
         f"{derived.tokens_per_step} tokens/step = {derived.sequences_per_step} x {t.seq_len} "
         f"({derived.accumulation_steps} x {derived.micro_batch_size} sequences) | run dir {run_dir}"
     )
+    for line in config_lines(cfg):
+        progress.print(line)
     peak = peak_flops(torch.cuda.get_device_name(device), derived.dtype) if device.type == "cuda" else None
     metrics = MetricsLogger(run_dir, cfg.run.tensorboard)
 

@@ -95,3 +95,11 @@ def memory_bytes(device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def config_lines(cfg: Config) -> list[str]:
+    """The resolved config, one line per section, for the start-of-run printout."""
+    return [
+        f"[{section}] " + " ".join(f"{key}={value!r}" for key, value in values.items())
+        for section, values in cfg.to_dict().items()
+    ]
