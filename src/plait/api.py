@@ -18,14 +18,13 @@ def train(config: Config | None = None, **overrides: object) -> "TrainResult":
 
     Keyword overrides use "section__key" names: `plait.train(train__steps=100)`.
     """
-    from plait.config import set_value, validate
+    from plait.config import set_value
     from plait.trainer import train as run_training
 
     cfg = config if config is not None else Config()
     for key, value in overrides.items():
         set_value(cfg, key.replace("__", "."), value)
-    validate(cfg)
-    return run_training(cfg)
+    return run_training(cfg)  # validates, against the job's worker count too
 
 
 @dataclass

@@ -25,6 +25,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train (or resume) a model; no arguments: the default run")
     p.add_argument("--config", help="TOML config file (see configs/)")
+    launch = p.add_argument_group("launch (several workers through torchrun)")
+    launch.add_argument("--nproc-per-node", type=int, default=None, help="workers on this node")
+    launch.add_argument("--nnodes", type=int, default=1, help="nodes in the job")
+    launch.add_argument("--node-rank", type=int, default=None, help="this node's rank (multi-node)")
+    launch.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous (multi-node)")
+    launch.add_argument("--max-restarts", type=int, default=0, help="restarts of the whole job on a failure")
 
     p = sub.add_parser("prepare", help="pre-tokenize a corpus into memory-mapped binary shards")
     p.add_argument("--config", help="TOML config file; only [data] is used")
@@ -52,10 +58,20 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from plait.api import train
 
-    cfg = build_config(args.config, overrides)
+    from plait.parallel.distributed import launched_world_size
+
+    world_size = launched_world_size()  # > 1 inside a worker that torchrun started
+    if args.nproc_per_node is not None and world_size == 1:
+        from plait.launch import launch
+
+        # Every rule is checked here, before any worker starts.
+        build_config(args.config, overrides, world_size=args.nproc_per_node * args.nnodes)
+        return launch(args, overrides)
+    cfg = build_config(args.config, overrides, world_size=world_size)
     result = train(cfg)
-    val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
-    print(f"done: step {result.step}, val_loss {val}, run dir {result.run_dir}")
+    if result.rank == 0:
+        val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+        print(f"done: step {result.step}, val_loss {val}, run dir {result.run_dir}")
     return 0
 
 

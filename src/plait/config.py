@@ -139,8 +139,10 @@ class RunSection:
 
 @dataclass
 class ParallelSection:
-    """Parallel layout. Reserved: every degree must be 1 until the parallel trainer lands."""
+    """Parallel layout. The product of the degrees is the number of workers. Available today:
+    data-parallel replication (DDP); the other degrees are reserved and must be 1."""
 
+    # Data-parallel replicas (DDP); -1 fills the world.
     dp_replicate_degree: int = 1
     dp_shard_degree: int = 1
     tp_degree: int = 1
@@ -308,12 +310,14 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def build_config(config_file: str | None = None, overrides: list[str] | None = None) -> Config:
+def build_config(
+    config_file: str | None = None, overrides: list[str] | None = None, world_size: int | None = None
+) -> Config:
     """A validated Config from an optional TOML file and command-line overrides (later wins)."""
     cfg = load_toml(config_file) if config_file else Config()
     for key, value in parse_overrides(overrides or []):
         set_value(cfg, key, value)
-    validate(cfg)
+    validate(cfg, world_size)
     return cfg
 
 
@@ -322,8 +326,9 @@ def _require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate(cfg: Config) -> None:
-    """Range and consistency checks that need no model or data; raise ConfigError on the first."""
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Range and consistency checks that need no model or data; raise ConfigError on the first.
+    `world_size` (workers of the job) is checked against the parallel degrees when given."""
     from plait.model.sizes import NAMED_SIZES  # model configs only: cheap, no torch work
 
     m, d, t, o, c, r, p = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.checkpoint, cfg.run, cfg.parallel
@@ -375,13 +380,46 @@ def validate(cfg: Config) -> None:
     _require(c.every >= 0, f"checkpoint.every = {c.every} must be >= 0 (0: only the final save)")
     _require(c.keep_last >= 1, f"checkpoint.keep_last = {c.keep_last} must be at least 1")
     _require(r.name != "" and "/" not in r.name, f"run.name = {r.name!r} must be a plain non-empty name")
-    for key in ("dp_replicate_degree", "dp_shard_degree", "tp_degree", "pp_degree", "cp_degree", "ep_degree"):
+    validate_layout(cfg, world_size)
+
+
+def validate_layout(cfg: Config, world_size: int | None) -> None:
+    """Degrees against each other, the batch and (when known) the number of workers."""
+    p, t = cfg.parallel, cfg.train
+    _require(
+        p.dp_replicate_degree >= 1 or p.dp_replicate_degree == -1,
+        f"parallel.dp_replicate_degree = {p.dp_replicate_degree} must be at least 1, or -1 to fill the world",
+    )
+    for key in ("dp_shard_degree", "tp_degree", "pp_degree", "cp_degree", "ep_degree"):
         value = getattr(p, key)
         _require(
             value == 1,
-            f"parallel.{key} = {value}: parallel layouts are not available in this version of plait; "
-            f"set it to 1",
+            f"parallel.{key} = {value}: this version of plait trains data-parallel replicas only "
+            f"(parallel.dp_replicate_degree); set parallel.{key} = 1",
         )
+    workers = world_size or 1
+    dp = workers if p.dp_replicate_degree == -1 else p.dp_replicate_degree
+    if dp != workers:
+        raise ConfigError(
+            f"parallel.dp_replicate_degree = {p.dp_replicate_degree} but the job has {workers} worker(s) "
+            f"(--nproc-per-node x --nnodes); the degrees must multiply to the number of workers: "
+            f"set parallel.dp_replicate_degree = {workers} (or -1)"
+        )
+    sequences = t.global_batch_tokens // t.seq_len
+    if sequences % (t.micro_batch_size * dp):
+        per_rank = sequences // dp if sequences % dp == 0 else 0
+        options = [b for b in range(1, per_rank + 1) if per_rank % b == 0 and b <= t.micro_batch_size]
+        fix = f"set train.micro_batch_size = {options[-1]} or " if options else "set "
+        raise ConfigError(
+            f"train.global_batch_tokens = {t.global_batch_tokens} is {sequences} sequences, which do not "
+            f"split into {dp} data-parallel ranks x train.micro_batch_size = {t.micro_batch_size}; "
+            f"{fix}train.global_batch_tokens = "
+            f"{math.ceil(sequences / (dp * t.micro_batch_size)) * dp * t.micro_batch_size * t.seq_len}"
+        )
+
+
+def dp_degree(cfg: Config, world_size: int) -> int:
+    return world_size if cfg.parallel.dp_replicate_degree == -1 else cfg.parallel.dp_replicate_degree
 
 
 def to_toml(data: dict[str, dict[str, Any]]) -> str:

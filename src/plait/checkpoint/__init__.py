@@ -46,6 +46,8 @@ _WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 def canonical_name(name: str) -> str:
     """A parameter's name in the unmodified model, whatever wrappers training applied."""
+    if name.startswith("module."):  # DistributedDataParallel
+        name = name[len("module."):]
     for part in _WRAPPER_PARTS:
         name = name.replace(part, "")
     return name

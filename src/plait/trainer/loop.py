@@ -19,12 +19,14 @@ from torch import nn
 
 from plait._version import __version__
 from plait.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from plait.config import Config, ConfigError, resolve_model_args, validate
+from plait.config import Config, ConfigError, dp_degree, resolve_model_args, validate
 from plait.data import TrainLoader, build_data, iter_eval_batches, save_tokenizer
 from plait.hardware import peak_flops
 from plait.model import Transformer, build_model, generate, materialize
 from plait.optim import build_optimizer, lr_at
 from plait.parallel import apply_layout
+from plait.parallel.data_parallel import gradient_sync
+from plait.parallel.distributed import barrier, init_distributed, launched_world_size, mean_across_ranks, shutdown
 from plait.trainer.metrics import MetricsLogger
 from plait.trainer.progress import ProgressDisplay, human
 from plait.trainer.setup import config_lines, derive, memory_bytes, pick_device, resolved_config, write_run_config
@@ -38,6 +40,7 @@ class TrainResult:
     val_loss: float | None
     sample: str | None
     model: Transformer
+    rank: int = 0
 
 
 def autocast_for(device: torch.device, dtype: str):
@@ -66,24 +69,42 @@ def evaluate(model: nn.Module, val_tokens, cfg: Config, device: torch.device, dt
 
 
 def train(cfg: Config) -> TrainResult:
-    """Train (or resume) the run described by `cfg`; returns the final numbers and the model."""
-    validate(cfg)
-    t, o = cfg.train, cfg.optim
-    device = pick_device(t.device)
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Train (or resume) the run described by `cfg`; returns the final numbers and the model.
+    Run by every worker of a multi-process job; only rank 0 prints and writes shared files."""
+    validate(cfg, launched_world_size())
+    dist_info = init_distributed(pick_device(cfg.train.device))
+    try:
+        return _train(cfg, dist_info)
+    finally:
+        shutdown(dist_info)
 
-    # Data first: the tokenizer fixes the vocabulary and so the model's shape.
+
+def _train(cfg: Config, dist_info) -> TrainResult:
+    t, o = cfg.train, cfg.optim
+    device, main = dist_info.device, dist_info.is_main
+    dp = dp_degree(cfg, dist_info.world_size)
+    run_dir = cfg.run_dir
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    # Data first: the tokenizer fixes the vocabulary and so the model's shape. Rank 0 fills the
+    # token cache; the others then find it there instead of tokenizing the corpus again.
+    if not main:
+        barrier(dist_info)
     data = build_data(cfg.data)
+    if main:
+        barrier(dist_info)
     args = resolve_model_args(cfg.model, data.tokenizer.vocab_size)
-    derived = derive(cfg, args, device)
+    derived = derive(cfg, args, device, dp)
     cfg = resolved_config(cfg, args)
 
     torch.manual_seed(cfg.run.seed)
-    model = materialize(build_model(args), device, cfg.run.seed)
-    model = apply_layout(model, t)
+    module = materialize(build_model(args), device, cfg.run.seed)
+    model = apply_layout(module, t, dp)  # `module` stays the unwrapped model for eval and sampling
     optimizer = build_optimizer(model, o)
-    loader = TrainLoader(data.train, t.seq_len, derived.sequences_per_step, seed=cfg.run.seed)
+    loader = TrainLoader(
+        data.train, t.seq_len, derived.sequences_per_step, dp_rank=dist_info.rank, dp_degree=dp, seed=cfg.run.seed
+    )
     autocast = autocast_for(device, derived.dtype)
 
     step, tokens_seen = 0, 0
@@ -104,28 +125,32 @@ def train(cfg: Config) -> TrainResult:
             ) from None
         step, tokens_seen = restored.step, int(restored.state["tokens_seen"])
     # Written only now, so that a refused resume leaves the run directory as it was.
-    write_run_config(run_dir, cfg, derived)
-    save_tokenizer(data.tokenizer, run_dir)
-    progress = ProgressDisplay(cfg.run.progress, t.steps, step)
+    if main:
+        write_run_config(run_dir, cfg, derived)
+        save_tokenizer(data.tokenizer, run_dir)
+    progress = ProgressDisplay(cfg.run.progress if main else "none", t.steps, step)
     if checkpoint is not None:
         progress.print(f"resumed from {checkpoint} (step {step}, {human(tokens_seen)} tokens)")
     progress.print(
         f"plait: {args.layers} layers x {args.hidden} hidden, {human(derived.params)} params, "
         f"{human(derived.flops_per_token)} FLOPs/token | {derived.device} {derived.dtype} | "
         f"{derived.tokens_per_step} tokens/step = {derived.sequences_per_step} x {t.seq_len} "
-        f"({derived.accumulation_steps} x {derived.micro_batch_size} sequences) | run dir {run_dir}"
+        f"({dp} ranks x {derived.accumulation_steps} x {derived.micro_batch_size} sequences) | run dir {run_dir}"
     )
     for line in config_lines(cfg):
         progress.print(line)
     peak = peak_flops(torch.cuda.get_device_name(device), derived.dtype) if device.type == "cuda" else None
-    metrics = MetricsLogger(run_dir, cfg.run.tensorboard)
+    metrics = MetricsLogger(run_dir, cfg.run.tensorboard) if main else None
 
     def save(at_step: int) -> None:
-        state = {
-            "plait_version": __version__, "tokens_seen": tokens_seen,
-            "loader": loader.state_dict(), "config": cfg.to_dict(),
-        }
-        save_checkpoint(run_dir, at_step, model, optimizer, state, cfg.checkpoint.keep_last)
+        # Replicas hold identical model and optimizer state: rank 0 writes, the others wait.
+        if main:
+            state = {
+                "plait_version": __version__, "tokens_seen": tokens_seen, "world_size": dist_info.world_size,
+                "loader": loader.state_dict(), "config": cfg.to_dict(),
+            }
+            save_checkpoint(run_dir, at_step, model, optimizer, state, cfg.checkpoint.keep_last)
+        barrier(dist_info)
 
     loss_sum = torch.zeros((), device=device)  # summed on device; read only when logging
     logged_steps, last_loss, val_loss = 0, None, None
@@ -137,9 +162,11 @@ def train(cfg: Config) -> TrainResult:
             group["lr"] = lr
 
         batch = loader.next_batch().to(device, non_blocking=True)
-        for micro in batch.split(derived.micro_batch_size):
-            loss = lm_loss(model, micro, autocast) / derived.accumulation_steps
-            loss.backward()
+        micro_batches = batch.split(derived.micro_batch_size)
+        for i, micro in enumerate(micro_batches):
+            with gradient_sync(model, last_micro_batch=i == len(micro_batches) - 1):
+                loss = lm_loss(model, micro, autocast) / derived.accumulation_steps
+                loss.backward()
             loss_sum += loss.detach()
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip) if o.grad_clip > 0 else None
         optimizer.step()
@@ -149,7 +176,7 @@ def train(cfg: Config) -> TrainResult:
         logged_steps += 1
 
         if step % t.log_every == 0 or step == t.steps:
-            last_loss = loss_sum.item() / logged_steps
+            last_loss = mean_across_ranks(loss_sum, dist_info).item() / logged_steps
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_tokens / elapsed
             mfu = tokens_per_s * derived.flops_per_token / peak if peak else None
@@ -158,11 +185,13 @@ def train(cfg: Config) -> TrainResult:
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm.item()
             if mfu is not None:
-                record["mfu"] = mfu
-            metrics.log("train", step, **record)
+                record["mfu"] = mfu / dist_info.world_size  # per-GPU utilisation
+            if metrics is not None:
+                metrics.log("train", step, **record)
             progress.update(step, last_loss, tokens_per_s, mfu, mem)
             if not math.isfinite(last_loss):
-                metrics.close()
+                if metrics is not None:
+                    metrics.close()
                 progress.close()
                 raise FloatingPointError(f"loss is {last_loss} at step {step}; lower optim.lr or check the data")
             loss_sum.zero_()
@@ -171,8 +200,10 @@ def train(cfg: Config) -> TrainResult:
 
         paused = False
         if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-            val_loss = evaluate(model, data.val, cfg, device, derived.dtype)
-            metrics.log("val", step, tokens=tokens_seen, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
+            # Every replica evaluates the same batches with the same weights: same number.
+            val_loss = evaluate(module, data.val, cfg, device, derived.dtype)
+            if metrics is not None:
+                metrics.log("val", step, tokens=tokens_seen, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
             progress.print(f"step {step}: val_loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})")
             paused = True
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (step == t.steps and cfg.checkpoint.save_final):
@@ -183,17 +214,18 @@ def train(cfg: Config) -> TrainResult:
     progress.close()
 
     sample = None
-    if t.sample_tokens:
+    if t.sample_tokens and main:
         tok = data.tokenizer
         # Compiled blocks would recompile for every cache length: sample eagerly.
         with torch.compiler.set_stance("force_eager"):
             ids = generate(
-                model, tok.encode(t.sample_prompt), t.sample_tokens, temperature=0.8, top_k=50,
+                module, tok.encode(t.sample_prompt), t.sample_tokens, temperature=0.8, top_k=50,
                 seed=cfg.run.seed, stop_id=tok.eos_id, vocab_limit=tok.vocab_size,
             )
         sample = t.sample_prompt + tok.decode(ids)
         metrics.log("sample", step, prompt=t.sample_prompt, text=sample)
         progress.print(f"--- sample after {step} steps ---\n{sample}\n---")
-    metrics.log("summary", step, tokens=tokens_seen, loss=last_loss, val_loss=val_loss, params=derived.params)
-    metrics.close()
-    return TrainResult(run_dir=run_dir, step=step, loss=last_loss, val_loss=val_loss, sample=sample, model=model)
+    if metrics is not None:
+        metrics.log("summary", step, tokens=tokens_seen, loss=last_loss, val_loss=val_loss, params=derived.params)
+        metrics.close()
+    return TrainResult(run_dir=run_dir, step=step, loss=last_loss, val_loss=val_loss, sample=sample, model=module, rank=dist_info.rank)

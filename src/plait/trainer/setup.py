@@ -43,6 +43,7 @@ class Derived:
     sequences_per_step: int
     micro_batch_size: int
     accumulation_steps: int
+    dp_degree: int
     params: int
     flops_per_token: float
     dtype: str
@@ -61,6 +62,7 @@ def derive(cfg: Config, args: ModelArgs, device: torch.device, dp_degree: int = 
         sequences_per_step=sequences,
         micro_batch_size=t.micro_batch_size,
         accumulation_steps=accumulation,
+        dp_degree=dp_degree,
         params=count_params(args).total,
         flops_per_token=flops_per_token(args, t.seq_len, recompute=t.activation_checkpointing),
         dtype=pick_dtype(t.dtype, device),

@@ -1,0 +1,75 @@
+"""Process groups: joining the job torchrun started, and leaving it cleanly.
+
+A worker is part of a multi-process job when torchrun has set WORLD_SIZE > 1 in its environment;
+this is the one place that reads those variables. Backend: NCCL when each worker has a GPU, gloo
+otherwise. World size one initialises nothing and runs the same training code.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+# A collective that waits longer than this fails the job (torchrun then stops every worker)
+# instead of hanging for PyTorch's default 30 minutes.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_world_size() -> int:
+    """Workers in this job as torchrun announced them (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the job (if there is one) and pick this worker's device."""
+    world = launched_world_size()
+    if world == 1:
+        return DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT, device_id=device if backend == "nccl" else None)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.world_size > 1:
+        dist.barrier()
+
+
+def mean_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The mean of a scalar over all ranks (the value itself on one process)."""
+    if info.world_size == 1:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total / info.world_size
+
+
+def shutdown(info: DistInfo) -> None:
+    """Leave the job cleanly: without the barrier and gc, gloo threads freed during interpreter
+    shutdown sometimes abort a worker that finished correctly."""
+    if info.world_size > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+        gc.collect()
