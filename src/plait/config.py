@@ -139,13 +139,26 @@ class RunSection:
 
 @dataclass
 class ParallelSection:
-    """Parallel layout. The product of the degrees is the number of workers. Available today:
-    data-parallel replication (DDP); the other degrees are reserved and must be 1."""
+    """Parallel layout: the product of the degrees is the number of workers.
 
-    # Data-parallel replicas (DDP); -1 fills the world.
+    Data parallelism has two axes: replicas (`dp_replicate_degree`) and shards
+    (`dp_shard_degree`, with `zero_stage` saying what is sharded). Both > 1 is hybrid sharding
+    (HSDP). Pipeline, context and expert degrees are reserved for a later version."""
+
+    # Data-parallel replicas; -1 fills the world.
     dp_replicate_degree: int = 1
+    # Data-parallel shards (ZeRO); -1 fills the rest of the world.
     dp_shard_degree: int = 1
+    # 0: plain data parallel (DDP, no sharding). Over the shard axis: 1 shards optimizer state,
+    # 2 also gradients (FSDP2 without resharding after forward), 3 also parameters (FSDP2).
+    zero_stage: int = 0
     tp_degree: int = 1
+    # Megatron sequence parallelism in the norm regions (needs tp_degree > 1).
+    sequence_parallel: bool = False
+    # Sharded layouts (ZeRO-2/3): bf16 parameters in forward/backward, fp32 gradient reduction.
+    mixed_precision: bool = False
+    # ZeRO-3: keep sharded parameters and optimizer state in CPU memory.
+    cpu_offload: bool = False
     pp_degree: int = 1
     cp_degree: int = 1
     ep_degree: int = 1
@@ -360,7 +373,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"train.seq_len = {t.seq_len}; use {lower}"
         )
     sequences = t.global_batch_tokens // t.seq_len
-    if sequences % t.micro_batch_size:
+    if sequences % min(t.micro_batch_size, sequences):
         divisors = [b for b in range(1, sequences + 1) if sequences % b == 0 and b <= t.micro_batch_size]
         raise ConfigError(
             f"train.global_batch_tokens = {t.global_batch_tokens} is {sequences} sequences of "
@@ -383,43 +396,125 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     validate_layout(cfg, world_size)
 
 
+@dataclass(frozen=True)
+class Degrees:
+    """The parallel degrees with -1 resolved against the number of workers."""
+
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel ranks: how many ways the global batch is split."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.tp
+
+
+def resolve_degrees(p: "ParallelSection", world_size: int) -> Degrees:
+    """Fill a -1 degree with what is left of the world; raise ConfigError if they do not fit."""
+    fixed = {"dp_replicate_degree": p.dp_replicate_degree, "dp_shard_degree": p.dp_shard_degree, "tp_degree": p.tp_degree}
+    for key, value in fixed.items():
+        _require(value >= 1 or (value == -1 and key != "tp_degree"),
+                 f"parallel.{key} = {value} must be at least 1" + ("" if key == "tp_degree" else ", or -1 to fill the world"))
+    fills = [k for k, v in fixed.items() if v == -1]
+    _require(len(fills) <= 1, f"only one degree may be -1, not {' and '.join('parallel.' + k for k in fills)}")
+    known = math.prod(v for v in fixed.values() if v != -1)
+    if fills:
+        if world_size % known:
+            raise ConfigError(
+                f"parallel.{fills[0]} = -1 cannot fill {world_size} worker(s): the other degrees multiply to "
+                f"{known}, which does not divide {world_size}"
+            )
+        fixed[fills[0]] = world_size // known
+    degrees = Degrees(fixed["dp_replicate_degree"], fixed["dp_shard_degree"], fixed["tp_degree"])
+    if degrees.world != world_size:
+        raise ConfigError(
+            f"parallel.dp_replicate_degree x dp_shard_degree x tp_degree = {degrees.dp_replicate} x "
+            f"{degrees.dp_shard} x {degrees.tp} = {degrees.world}, but the job has {world_size} worker(s) "
+            f"(--nproc-per-node x --nnodes); they must be equal: for example parallel.dp_shard_degree = -1 "
+            f"fills the world, or set parallel.dp_replicate_degree = {world_size // (degrees.dp_shard * degrees.tp) or 1}"
+            if world_size % (degrees.dp_shard * degrees.tp) == 0 else
+            f"parallel.dp_replicate_degree x dp_shard_degree x tp_degree = {degrees.world}, but the job has "
+            f"{world_size} worker(s); make the degrees multiply to {world_size}"
+        )
+    return degrees
+
+
 def validate_layout(cfg: Config, world_size: int | None) -> None:
-    """Degrees against each other, the batch and (when known) the number of workers."""
+    """Degrees against each other, the model, the batch and (when known) the number of workers."""
     p, t = cfg.parallel, cfg.train
-    _require(
-        p.dp_replicate_degree >= 1 or p.dp_replicate_degree == -1,
-        f"parallel.dp_replicate_degree = {p.dp_replicate_degree} must be at least 1, or -1 to fill the world",
-    )
-    for key in ("dp_shard_degree", "tp_degree", "pp_degree", "cp_degree", "ep_degree"):
+    for key in ("pp_degree", "cp_degree", "ep_degree"):
         value = getattr(p, key)
         _require(
             value == 1,
-            f"parallel.{key} = {value}: this version of plait trains data-parallel replicas only "
-            f"(parallel.dp_replicate_degree); set parallel.{key} = 1",
+            f"parallel.{key} = {value}: pipeline, context and expert parallelism are not in this version "
+            f"of plait; set parallel.{key} = 1",
         )
-    workers = world_size or 1
-    dp = workers if p.dp_replicate_degree == -1 else p.dp_replicate_degree
-    if dp != workers:
+    _require(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage = {p.zero_stage} must be 0, 1, 2 or 3")
+    degrees = resolve_degrees(p, world_size or 1) if world_size else None
+    shard = degrees.dp_shard if degrees else p.dp_shard_degree
+    if p.zero_stage and shard == 1:
         raise ConfigError(
-            f"parallel.dp_replicate_degree = {p.dp_replicate_degree} but the job has {workers} worker(s) "
-            f"(--nproc-per-node x --nnodes); the degrees must multiply to the number of workers: "
-            f"set parallel.dp_replicate_degree = {workers} (or -1)"
+            f"parallel.zero_stage = {p.zero_stage} shards over the data-parallel shard axis, but "
+            f"parallel.dp_shard_degree = 1; set parallel.dp_shard_degree > 1 (or -1), or parallel.zero_stage = 0"
         )
+    if not p.zero_stage and shard != 1:
+        raise ConfigError(
+            f"parallel.dp_shard_degree = {p.dp_shard_degree} needs a ZeRO stage to say what is sharded; "
+            f"set parallel.zero_stage = 1, 2 or 3 (3 = FSDP), or use parallel.dp_replicate_degree for plain replicas"
+        )
+    _require(not p.mixed_precision or p.zero_stage >= 2,
+             "parallel.mixed_precision = true applies to sharded parameters: it needs parallel.zero_stage = 2 or 3; "
+             "for unsharded layouts use train.dtype = \"bf16\"")
+    _require(not p.cpu_offload or p.zero_stage == 3,
+             f"parallel.cpu_offload = true needs parallel.zero_stage = 3, not {p.zero_stage}")
+    _require(not p.sequence_parallel or p.tp_degree != 1,
+             "parallel.sequence_parallel = true needs parallel.tp_degree > 1 (it shards the tensor-parallel norm regions)")
+    if p.tp_degree > 1:
+        from plait.parallel.tensor_parallel import tensor_parallel_problems
+
+        problems = tensor_parallel_problems(
+            resolve_model_args(cfg.model), p.tp_degree, p.sequence_parallel, t.seq_len, cfg.model.vocab_multiple
+        )
+        if problems:
+            raise ConfigError("; ".join(problems))
+    dp_total = degrees.dp if degrees else max(p.dp_replicate_degree, 1) * max(p.dp_shard_degree, 1)
+    if p.tp_degree > 1 and (dp_total > 1 or p.dp_shard_degree == -1 or p.dp_replicate_degree == -1) and p.zero_stage < 2:
+        raise ConfigError(
+            f"parallel.tp_degree = {p.tp_degree} with data parallelism needs parallel.zero_stage = 2 or 3 "
+            f"(FSDP over the data-parallel axes): DDP and ZeRO-1 do not yet handle tensor-parallel (DTensor) "
+            f"parameters in plait; set parallel.zero_stage = 3 and parallel.dp_shard_degree > 1"
+        )
+    if degrees is None:
+        return
     sequences = t.global_batch_tokens // t.seq_len
-    if sequences % (t.micro_batch_size * dp):
-        per_rank = sequences // dp if sequences % dp == 0 else 0
-        options = [b for b in range(1, per_rank + 1) if per_rank % b == 0 and b <= t.micro_batch_size]
-        fix = f"set train.micro_batch_size = {options[-1]} or " if options else "set "
+    dp = degrees.dp
+    if sequences % dp:
         raise ConfigError(
             f"train.global_batch_tokens = {t.global_batch_tokens} is {sequences} sequences, which do not "
-            f"split into {dp} data-parallel ranks x train.micro_batch_size = {t.micro_batch_size}; "
-            f"{fix}train.global_batch_tokens = "
-            f"{math.ceil(sequences / (dp * t.micro_batch_size)) * dp * t.micro_batch_size * t.seq_len}"
+            f"split into {dp} data-parallel ranks; set train.global_batch_tokens = "
+            f"{math.ceil(sequences / dp) * dp * t.seq_len}"
+        )
+    per_rank = sequences // dp
+    micro = micro_batch_size(t, dp)
+    if per_rank % micro:
+        options = [b for b in range(1, micro + 1) if per_rank % b == 0]
+        raise ConfigError(
+            f"train.global_batch_tokens = {t.global_batch_tokens} gives each of {dp} data-parallel ranks "
+            f"{per_rank} sequences, not a multiple of train.micro_batch_size = {micro}; set "
+            f"train.micro_batch_size = {options[-1]} or train.global_batch_tokens = "
+            f"{math.ceil(per_rank / micro) * micro * dp * t.seq_len}"
         )
 
 
-def dp_degree(cfg: Config, world_size: int) -> int:
-    return world_size if cfg.parallel.dp_replicate_degree == -1 else cfg.parallel.dp_replicate_degree
+def micro_batch_size(t: "TrainSection", dp: int) -> int:
+    """Sequences per forward on one rank: train.micro_batch_size, or a rank's whole share of the
+    step when that is smaller (so a config keeps working as ranks are added)."""
+    return min(t.micro_batch_size, t.global_batch_tokens // t.seq_len // dp)
 
 
 def to_toml(data: dict[str, dict[str, Any]]) -> str:

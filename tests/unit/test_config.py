@@ -45,7 +45,13 @@ def test_overrides_both_forms_and_types():
         ("--train.global_batch_tokens=1000", "is not a multiple of train.seq_len = 256; use 768"),
         ("--train.micro_batch_size=5", "set train.micro_batch_size = 4"),
         ("--data.val_fraction=0.9", "data.val_fraction = 0.9 must be in [0, 0.5)"),
-        ("--parallel.tp_degree=2", "parallel.tp_degree = 2"),
+        ("--parallel.pp_degree=2", "parallel.pp_degree = 2: pipeline, context and expert parallelism are not"),
+        ("--parallel.zero_stage=3", "parallel.zero_stage = 3 shards over the data-parallel shard axis, but parallel.dp_shard_degree = 1"),
+        ("--parallel.dp_shard_degree=2", "parallel.dp_shard_degree = 2 needs a ZeRO stage"),
+        ("--parallel.zero_stage=5", "parallel.zero_stage = 5 must be 0, 1, 2 or 3"),
+        ("--parallel.sequence_parallel=true", "parallel.sequence_parallel = true needs parallel.tp_degree > 1"),
+        ("--parallel.tp_degree=3", "model.heads = 4 is not divisible by parallel.tp_degree = 3"),
+        ("--parallel.tp_degree=4", "model.kv_heads = 2 is smaller than parallel.tp_degree = 4"),
         ("--checkpoint.keep_last=0", "checkpoint.keep_last = 0 must be at least 1"),
         ("steps=3", "unexpected argument 'steps=3'"),
     ],
@@ -106,3 +112,36 @@ def test_mlp_override_changes_default_width():
     cfg.model.mlp = "gelu"
     args = resolve_model_args(cfg.model)
     assert args.mlp == "gelu" and args.ffn == 4 * 768
+
+
+def test_layout_against_world_size():
+    from plait.config import resolve_degrees
+
+    cfg = build_config(None, ["--parallel.dp_shard_degree=-1", "--parallel.zero_stage=3"], world_size=4)
+    assert resolve_degrees(cfg.parallel, 4).dp_shard == 4
+    cfg = build_config(None, ["--parallel.dp_replicate_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=2"], world_size=4)
+    assert resolve_degrees(cfg.parallel, 4).dp == 4
+    with pytest.raises(ConfigError, match="= 2 x 1 x 1 = 2, but the job has 4 worker"):
+        build_config(None, ["--parallel.dp_replicate_degree=2"], world_size=4)
+    with pytest.raises(ConfigError, match="only one degree may be -1"):
+        build_config(None, ["--parallel.dp_replicate_degree=-1", "--parallel.dp_shard_degree=-1", "--parallel.zero_stage=3"], world_size=4)
+    with pytest.raises(ConfigError, match="cpu_offload = true needs parallel.zero_stage = 3"):
+        build_config(None, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=2", "--parallel.cpu_offload=true"], world_size=2)
+    # 32 sequences cannot split into 3 ranks
+    with pytest.raises(ConfigError, match="do not split into 3 data-parallel ranks; set train.global_batch_tokens = 8448"):
+        build_config(None, ["--parallel.dp_replicate_degree=3"], world_size=3)
+    with pytest.raises(ConfigError, match="each of 2 data-parallel ranks 24 sequences, not a multiple of train.micro_batch_size = 16; set train.micro_batch_size = 12"):
+        build_config(None, ["--parallel.dp_replicate_degree=2", "--train.micro_batch_size=16", "--train.global_batch_tokens=12288"], world_size=2)
+    # A micro-batch larger than a rank's share shrinks to it: the default config runs on 4 ranks.
+    cfg = build_config(None, ["--parallel.dp_replicate_degree=4"], world_size=4)
+    from plait.config import micro_batch_size
+
+    assert micro_batch_size(cfg.train, 4) == 8
+
+
+def test_tensor_parallel_with_data_parallel_needs_fsdp():
+    with pytest.raises(ConfigError, match="needs parallel.zero_stage = 2 or 3"):
+        build_config(None, ["--parallel.tp_degree=2", "--parallel.dp_replicate_degree=2"], world_size=4)
+    with pytest.raises(ConfigError, match="needs parallel.zero_stage = 2 or 3"):
+        build_config(None, ["--parallel.tp_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=1"], world_size=4)
+    build_config(None, ["--parallel.tp_degree=2", "--parallel.dp_shard_degree=-1", "--parallel.zero_stage=3"], world_size=4)

@@ -1,7 +1,7 @@
 """Checkpoints of a single process: save, find the newest, load.
 
 Layout of `RUN_DIR/checkpoints/`:
-    step_<N>/model.safetensors      parameters by name (a tied weight once, under its first name)
+    step_<N>/model.safetensors      whole parameters by name, whatever layout wrote them
     step_<N>/optimizer.safetensors  optimizer state by parameter name: "<param>::<key>"
     step_<N>/rng.safetensors        torch RNG states (CPU, and CUDA when present)
     step_<N>/state.json             step, tokens seen, loader position, optimizer hyperparameters,
@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +26,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 FORMAT_VERSION = 1
-
-
-@dataclass
-class Checkpoint:
-    path: Path
-    step: int
-    state: dict[str, Any]
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -57,10 +49,6 @@ def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {canonical_name(name): p for name, p in model.named_parameters()}
 
 
-def _param_names(model: nn.Module) -> dict[int, str]:
-    return {id(p): name for name, p in named_parameters(model).items()}
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -79,12 +67,14 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model_tensors: dict[str, torch.Tensor],
+    optim_tensors: dict[str, torch.Tensor],
+    optim_groups: list[dict[str, Any]],
     state: dict[str, Any],
     keep_last: int,
 ) -> Path:
-    """Write step_<step> atomically, point `latest` at it, then prune older ones beyond keep_last."""
+    """Write step_<step> atomically, point `latest` at it, then prune older ones beyond keep_last.
+    Takes whole tensors by name (see `plait.checkpoint.state` to gather them from any layout)."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
@@ -93,25 +83,14 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
 
-    # .contiguous().clone(): safetensors refuses views and shared storage (the tied weight).
-    model_tensors = {name: p.detach().contiguous().clone() for name, p in named_parameters(model).items()}
     save_file(model_tensors, str(tmp / "model.safetensors"))
-
-    names = _param_names(model)
-    opt_tensors: dict[str, torch.Tensor] = {}
-    for param, param_state in optimizer.state.items():
-        for key, value in param_state.items():
-            opt_tensors[f"{names[id(param)]}::{key}"] = value.detach().contiguous().clone()
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-
+    save_file(optim_tensors, str(tmp / "optimizer.safetensors"))
     rng = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"torch_cuda_{i}"] = s
     save_file(rng, str(tmp / "rng.safetensors"))
-
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    full_state = {"format": FORMAT_VERSION, "step": step, "optimizer_groups": groups, **state}
+    full_state = {"format": FORMAT_VERSION, "step": step, "optimizer_groups": optim_groups, **state}
     _write_json(tmp / "state.json", full_state)
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -165,12 +144,17 @@ def read_state(path: Path) -> dict[str, Any]:
     return json.loads(state_file.read_text())
 
 
+def read_tensors(path: Path, kind: str) -> dict[str, torch.Tensor]:
+    """`kind` is "model", "optimizer" or "rng": that file of the checkpoint, tensors only."""
+    return load_file(str(Path(path) / f"{kind}.safetensors"))
+
+
 def load_model_weights(path: Path, model: nn.Module) -> None:
-    """Copy the checkpoint's parameters into `model` (matching names and shapes exactly)."""
-    tensors = load_file(str(Path(path) / "model.safetensors"))
+    """Copy the checkpoint's parameters into an unwrapped, single-process `model`."""
+    tensors = read_tensors(path, "model")
     params = named_parameters(model)
     missing = sorted(set(params) - set(tensors))
-    unexpected = sorted(set(tensors) - set(params))
+    unexpected = sorted(set(tensors) - set(dict(model.state_dict())))
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {path} does not match the model: missing {missing[:4]}, unexpected {unexpected[:4]}; "
@@ -186,25 +170,22 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
             param.copy_(tensors[name])
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Checkpoint:
-    """Restore model, optimizer and RNG in place; return the JSON state (step, loader, ...)."""
-    path = Path(path)
-    state = read_state(path)
-    load_model_weights(path, model)
-    if optimizer is not None:
-        saved = load_file(str(path / "optimizer.safetensors"))
-        params = named_parameters(model)
-        optimizer.state.clear()
-        for key, value in saved.items():
-            name, field = key.split("::", 1)
-            param = params[name]
-            optimizer.state[param][field] = value.to(param.device) if field != "step" else value
-        for group, saved_group in zip(optimizer.param_groups, state["optimizer_groups"]):
-            group.update(saved_group)
-    rng = load_file(str(path / "rng.safetensors"))
+def check_model_tensors(path: Path, tensors: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> None:
+    """Refuse, with names, a checkpoint whose parameters do not match the model's."""
+    missing = sorted(set(shapes) - set(tensors))
+    unexpected = sorted(set(tensors) - set(shapes))
+    wrong = [f"{n} {tuple(tensors[n].shape)} vs {tuple(shapes[n])}" for n in shapes if n in tensors and tensors[n].shape != shapes[n]]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"checkpoint {path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"shapes {wrong[:3]}); was it saved with a different model.* config?"
+        )
+
+
+def restore_rng(path: Path) -> None:
+    rng = read_tensors(path, "rng")
     torch.set_rng_state(rng["torch_cpu"])
     if torch.cuda.is_available():
         cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
-    return Checkpoint(path=path, step=int(state["step"]), state=state)

@@ -12,18 +12,23 @@ from torch import nn
 from plait.config import OptimSection
 
 
-def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimizer:
+def param_groups(model: nn.Module, cfg: OptimSection) -> list[dict]:
+    """Two groups: matrices (decayed) and vectors (not)."""
     decay, no_decay = [], []
     for param in model.parameters():  # de-duplicated: a tied weight appears once
         if not param.requires_grad:
             continue
         (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [
+    return [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimSection, foreach: bool = True) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
     # foreach=True: one kernel per group of tensors instead of one per tensor, which on a small
     # model is most of the optimizer's cost. The learning rate is set every step by the loop.
     return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=foreach
     )

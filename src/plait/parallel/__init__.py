@@ -3,6 +3,6 @@ checkpointing and compilation per block, data-parallel replication; the tensor, 
 context and expert parallelisms join here, each as a function over the model and a mesh axis.
 `distributed.py` joins and leaves the job torchrun started."""
 
-from plait.parallel.apply import apply_layout
+from plait.parallel.apply import apply_layout, build_layout_optimizer
 
 __all__ = ["apply_layout"]

@@ -13,13 +13,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 
-def apply_data_parallel(model: nn.Module) -> nn.Module:
+def apply_data_parallel(model: nn.Module, process_group=None) -> nn.Module:
     # No buffer sync per forward: the only buffer (rotary frequencies) is computed identically
     # everywhere. Parameters start equal because every rank initialises from the same seed.
     # Newer PyTorch renamed the switch; use whichever this version has.
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
-        return DistributedDataParallel(model, forward_sync_buffers=False)
-    return DistributedDataParallel(model, broadcast_buffers=False)
+        return DistributedDataParallel(model, process_group=process_group, forward_sync_buffers=False)
+    return DistributedDataParallel(model, process_group=process_group, broadcast_buffers=False)
 
 
 def gradient_sync(model: nn.Module, last_micro_batch: bool) -> AbstractContextManager:

@@ -14,17 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from plait._version import __version__
-from plait.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from plait.config import Config, ConfigError, dp_degree, resolve_model_args, validate
+from plait.checkpoint import latest_checkpoint, save_checkpoint
+from plait.checkpoint.state import gather_model, gather_optimizer, restore_checkpoint
+from plait.config import Config, ConfigError, resolve_degrees, resolve_model_args, validate
 from plait.data import TrainLoader, build_data, iter_eval_batches, save_tokenizer
 from plait.hardware import peak_flops
 from plait.model import Transformer, build_model, generate, materialize
-from plait.optim import build_optimizer, lr_at
-from plait.parallel import apply_layout
+from plait.optim import lr_at
+from plait.parallel.apply import apply_layout, build_layout_optimizer
+from plait.parallel.mesh import build_layout
+from plait.parallel.tensor_parallel import clip_grad_norm_mixed, loss_parallel_context, tp_cross_entropy
 from plait.parallel.data_parallel import gradient_sync
 from plait.parallel.distributed import barrier, init_distributed, launched_world_size, mean_across_ranks, shutdown
 from plait.trainer.metrics import MetricsLogger
@@ -50,19 +53,22 @@ def autocast_for(device: torch.device, dtype: str):
 
 
 def lm_loss(model: nn.Module, batch_BT1: torch.Tensor, autocast) -> torch.Tensor:
-    """Mean next-token cross-entropy over the batch; logits are upcast so the softmax is fp32."""
+    """Mean next-token cross-entropy over the batch, in fp32. Under tensor parallelism the logits
+    stay sharded on the vocabulary (call inside `loss_parallel_context`, backward included)."""
     with autocast:
         logits_BTV = model(batch_BT1[:, :-1])
-    return F.cross_entropy(logits_BTV.float().flatten(0, 1), batch_BT1[:, 1:].flatten())
+    return tp_cross_entropy(logits_BTV, batch_BT1[:, 1:])
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, val_tokens, cfg: Config, device: torch.device, dtype: str) -> float:
+    """Mean validation loss; every rank evaluates the same batches (sharded layouts need all)."""
     model.eval()
     total, count = 0.0, 0
     for batch in iter_eval_batches(val_tokens, cfg.train.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches):
         batch = batch.to(device, non_blocking=True)
-        total += lm_loss(model, batch, autocast_for(device, dtype)).item() * batch.shape[0]
+        with loss_parallel_context(cfg.parallel.tp_degree != 1):
+            total += lm_loss(model, batch, autocast_for(device, dtype)).item() * batch.shape[0]
         count += batch.shape[0]
     model.train()
     return total / count
@@ -82,7 +88,11 @@ def train(cfg: Config) -> TrainResult:
 def _train(cfg: Config, dist_info) -> TrainResult:
     t, o = cfg.train, cfg.optim
     device, main = dist_info.device, dist_info.is_main
-    dp = dp_degree(cfg, dist_info.world_size)
+    layout = build_layout(resolve_degrees(cfg.parallel, dist_info.world_size), device)
+    dp, distributed = layout.degrees.dp, dist_info.world_size > 1
+    tp = layout.degrees.tp > 1
+    # Parameters split over ranks: forwards need every rank, so the final sample uses a gathered copy.
+    sharded = tp or cfg.parallel.zero_stage >= 2
     run_dir = cfg.run_dir
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -100,10 +110,11 @@ def _train(cfg: Config, dist_info) -> TrainResult:
 
     torch.manual_seed(cfg.run.seed)
     module = materialize(build_model(args), device, cfg.run.seed)
-    model = apply_layout(module, t, dp)  # `module` stays the unwrapped model for eval and sampling
-    optimizer = build_optimizer(model, o)
+    # `module` is the model without a DDP wrapper (FSDP and TP transform it in place): eval and sampling use it.
+    model = apply_layout(module, t, cfg.parallel, layout)
+    optimizer = build_layout_optimizer(model, o, cfg.parallel, layout)
     loader = TrainLoader(
-        data.train, t.seq_len, derived.sequences_per_step, dp_rank=dist_info.rank, dp_degree=dp, seed=cfg.run.seed
+        data.train, t.seq_len, derived.sequences_per_step, dp_rank=layout.dp_rank(), dp_degree=dp, seed=cfg.run.seed
     )
     autocast = autocast_for(device, derived.dtype)
 
@@ -115,15 +126,16 @@ def _train(cfg: Config, dist_info) -> TrainResult:
             f"checkpoint.resume = false; pick a new --run.dir, or drop --checkpoint.resume=false to resume"
         )
     if checkpoint is not None:
+        shapes = {name: p.shape for name, p in build_model(args).state_dict().items()}  # meta: free
         try:
-            restored = load_checkpoint(checkpoint, model, optimizer)
-            loader.load_state_dict(restored.state["loader"])
+            restored = restore_checkpoint(checkpoint, model, optimizer, distributed, shapes)
+            loader.load_state_dict(restored["loader"])
         except ValueError as err:  # a different model or data shape than the one saved
             raise ConfigError(
                 f"cannot resume run.dir = {str(run_dir)!r} from {checkpoint.name}: {err}. "
                 f"Use a new --run.dir for a different config"
             ) from None
-        step, tokens_seen = restored.step, int(restored.state["tokens_seen"])
+        step, tokens_seen = int(restored["step"]), int(restored["tokens_seen"])
     # Written only now, so that a refused resume leaves the run directory as it was.
     if main:
         write_run_config(run_dir, cfg, derived)
@@ -143,13 +155,15 @@ def _train(cfg: Config, dist_info) -> TrainResult:
     metrics = MetricsLogger(run_dir, cfg.run.tensorboard) if main else None
 
     def save(at_step: int) -> None:
-        # Replicas hold identical model and optimizer state: rank 0 writes, the others wait.
+        # Whole tensors are gathered onto rank 0 (a collective), which writes; the others wait.
+        model_tensors = gather_model(model, distributed)
+        optim_tensors, optim_groups = gather_optimizer(model, optimizer, distributed, main)
         if main:
             state = {
                 "plait_version": __version__, "tokens_seen": tokens_seen, "world_size": dist_info.world_size,
                 "loader": loader.state_dict(), "config": cfg.to_dict(),
             }
-            save_checkpoint(run_dir, at_step, model, optimizer, state, cfg.checkpoint.keep_last)
+            save_checkpoint(run_dir, at_step, model_tensors, optim_tensors, optim_groups, state, cfg.checkpoint.keep_last)
         barrier(dist_info)
 
     loss_sum = torch.zeros((), device=device)  # summed on device; read only when logging
@@ -164,11 +178,14 @@ def _train(cfg: Config, dist_info) -> TrainResult:
         batch = loader.next_batch().to(device, non_blocking=True)
         micro_batches = batch.split(derived.micro_batch_size)
         for i, micro in enumerate(micro_batches):
-            with gradient_sync(model, last_micro_batch=i == len(micro_batches) - 1):
+            with gradient_sync(model, last_micro_batch=i == len(micro_batches) - 1), loss_parallel_context(tp):
                 loss = lm_loss(model, micro, autocast) / derived.accumulation_steps
                 loss.backward()
             loss_sum += loss.detach()
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip) if o.grad_clip > 0 else None
+        clip = clip_grad_norm_mixed if tp else nn.utils.clip_grad_norm_
+        grad_norm = clip(model.parameters(), o.grad_clip) if o.grad_clip > 0 else None
+        if isinstance(grad_norm, DTensor):  # sharded gradients: the norm is a DTensor too
+            grad_norm = grad_norm.full_tensor()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_seen += derived.tokens_per_step
@@ -213,19 +230,25 @@ def _train(cfg: Config, dist_info) -> TrainResult:
             window_start, window_tokens = time.perf_counter(), 0
     progress.close()
 
-    sample = None
+    sample, plain = None, module
+    if t.sample_tokens and sharded:
+        tensors = gather_model(model, distributed)  # a collective: every rank takes part
+        if main:
+            plain = materialize(build_model(args), device, cfg.run.seed)
+            plain.load_state_dict(tensors)
     if t.sample_tokens and main:
         tok = data.tokenizer
         # Compiled blocks would recompile for every cache length: sample eagerly.
         with torch.compiler.set_stance("force_eager"):
             ids = generate(
-                module, tok.encode(t.sample_prompt), t.sample_tokens, temperature=0.8, top_k=50,
+                plain, tok.encode(t.sample_prompt), t.sample_tokens, temperature=0.8, top_k=50,
                 seed=cfg.run.seed, stop_id=tok.eos_id, vocab_limit=tok.vocab_size,
             )
         sample = t.sample_prompt + tok.decode(ids)
-        metrics.log("sample", step, prompt=t.sample_prompt, text=sample)
+        if metrics is not None:
+            metrics.log("sample", step, prompt=t.sample_prompt, text=sample)
         progress.print(f"--- sample after {step} steps ---\n{sample}\n---")
     if metrics is not None:
         metrics.log("summary", step, tokens=tokens_seen, loss=last_loss, val_loss=val_loss, params=derived.params)
         metrics.close()
-    return TrainResult(run_dir=run_dir, step=step, loss=last_loss, val_loss=val_loss, sample=sample, model=module, rank=dist_info.rank)
+    return TrainResult(run_dir=run_dir, step=step, loss=last_loss, val_loss=val_loss, sample=sample, model=plain, rank=dist_info.rank)

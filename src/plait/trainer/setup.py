@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from plait.config import Config, ConfigError, to_toml
+from plait.config import Config, ConfigError, micro_batch_size, to_toml
 from plait.model import ModelArgs, count_params, flops_per_token
 
 
@@ -56,11 +56,12 @@ class Derived:
 def derive(cfg: Config, args: ModelArgs, device: torch.device, dp_degree: int = 1) -> Derived:
     t = cfg.train
     sequences = t.global_batch_tokens // t.seq_len
-    accumulation = sequences // (t.micro_batch_size * dp_degree)
+    micro = micro_batch_size(t, dp_degree)
+    accumulation = sequences // (micro * dp_degree)
     return Derived(
         tokens_per_step=t.global_batch_tokens,
         sequences_per_step=sequences,
-        micro_batch_size=t.micro_batch_size,
+        micro_batch_size=micro,
         accumulation_steps=accumulation,
         dp_degree=dp_degree,
         params=count_params(args).total,

@@ -1,0 +1,106 @@
+"""Whole (unsharded) model and optimizer state, gathered from and scattered to any layout.
+
+Checkpoints hold full tensors keyed by parameter name, so they do not depend on the layout that
+wrote them. Gathering uses PyTorch's distributed state-dict helpers (which strip wrapper names
+and assemble FSDP/DTensor shards) and lands on rank 0 in CPU memory; loading gives every rank the
+full tensors and lets the same helpers keep each rank's shard. ZeRO-1's optimizer keeps its own
+partitioned state and is consolidated with its own API. (Sharded checkpoints written by every
+rank in parallel are a later step; this gathers, so it suits models that fit in host memory.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.optim import ZeroRedundancyOptimizer
+
+Tensors = dict[str, torch.Tensor]
+
+
+def _options(distributed: bool) -> StateDictOptions:
+    # full_state_dict assembles DTensor shards; only rank 0 keeps the result, on the CPU.
+    return StateDictOptions(full_state_dict=distributed, cpu_offload=distributed)
+
+
+def gather_model(model: nn.Module, distributed: bool) -> Tensors:
+    state = get_model_state_dict(model, options=_options(distributed))
+    return {name: t.detach().contiguous().clone() for name, t in state.items()}
+
+
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of the optimizer's parameters in its own (group, position) order."""
+    from plait.checkpoint import named_parameters
+
+    by_id = {id(p): name for name, p in named_parameters(model).items()}
+    return [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def gather_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, distributed: bool, is_main: bool) -> tuple[Tensors, list[dict[str, Any]]]:
+    """Optimizer state as "<param>::<key>" tensors plus the groups' hyperparameters (with the
+    names of their parameters), on rank 0; empty elsewhere."""
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        optimizer.consolidate_state_dict(to=0)
+        if not is_main:
+            return {}, []
+        full = optimizer.state_dict()
+        names = _param_names(model, optimizer)
+        tensors = {f"{names[i]}::{k}": v.detach().cpu().clone() for i, s in full["state"].items() for k, v in s.items()}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]} for g in full["param_groups"]]
+        return tensors, groups
+    state = get_optimizer_state_dict(model, optimizer, options=_options(distributed))
+    # With full_state_dict + cpu_offload only rank 0 receives anything; the others get {}.
+    tensors = {
+        f"{name}::{key}": value.detach().cpu().contiguous().clone()
+        for name, param_state in state.get("state", {}).items() for key, value in param_state.items()
+    }
+    return tensors, [dict(g) for g in state.get("param_groups", [])]
+
+
+def scatter_model(model: nn.Module, tensors: Tensors, distributed: bool) -> None:
+    set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=distributed))
+
+
+def scatter_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: Tensors, groups: list[dict[str, Any]], distributed: bool) -> None:
+    per_param: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, field = key.split("::", 1)
+        per_param.setdefault(name, {})[field] = value
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        names = _param_names(model, optimizer)
+        index = {name: i for i, name in enumerate(names)}
+        full = {
+            "state": {index[name]: s for name, s in per_param.items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in groups],
+        }
+        optimizer.load_state_dict(full)
+        return
+    set_optimizer_state_dict(
+        model, optimizer, {"state": per_param, "param_groups": groups},
+        options=StateDictOptions(full_state_dict=distributed),
+    )
+
+
+def restore_checkpoint(
+    path, model: nn.Module, optimizer: torch.optim.Optimizer, distributed: bool, expected_shapes: dict[str, torch.Size]
+) -> dict[str, Any]:
+    """Load a checkpoint into a model and optimizer of any layout; return its JSON state.
+    `expected_shapes` are the unsharded model's (from a meta-device copy). Raises ValueError,
+    naming the parameters, when the checkpoint is of a different model."""
+    from plait.checkpoint import check_model_tensors, read_state, read_tensors, restore_rng
+
+    state = read_state(path)
+    tensors = read_tensors(path, "model")
+    check_model_tensors(path, tensors, expected_shapes)
+    scatter_model(model, tensors, distributed)
+    scatter_optimizer(model, optimizer, read_tensors(path, "optimizer"), state["optimizer_groups"], distributed)
+    restore_rng(path)
+    return state
