@@ -5,4 +5,4 @@ context and expert parallelisms join here, each as a function over the model and
 
 from plait.parallel.apply import apply_layout, build_layout_optimizer
 
-__all__ = ["apply_layout"]
+__all__ = ["apply_layout", "build_layout_optimizer"]

@@ -1,0 +1,259 @@
+"""Every rule a config must satisfy, checked before any model, data or worker is built.
+
+Split from `plait.config` (the tree and its parsing) to keep both readable; import these from
+`plait.config`. Each failure raises ConfigError naming the field, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from plait.config import Config, ConfigError, ModelSection, ParallelSection, TrainSection, _nearest
+
+if TYPE_CHECKING:
+    from plait.model.sizes import ModelArgs
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Range and consistency checks that need no model or data; raise ConfigError on the first.
+    `world_size` (workers of the job) is checked against the parallel degrees when given."""
+    from plait.model.sizes import NAMED_SIZES  # model configs only: cheap, no torch work
+
+    m, d, t, o, c, r = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.checkpoint, cfg.run
+    _require(
+        m.name in NAMED_SIZES,
+        f"model.name = {m.name!r} is not a named size{_nearest(m.name, list(NAMED_SIZES))}",
+    )
+    for key in ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab"):
+        value = getattr(m, key)
+        _require(value is None or value >= 1, f"model.{key} = {value} must be at least 1")
+    resolve_model_args(m)  # shape rules (heads, kv heads, head dim) with the overrides applied
+    _require(m.vocab_multiple >= 1, f"model.vocab_multiple = {m.vocab_multiple} must be at least 1")
+    _require(m.init_std > 0, f"model.init_std = {m.init_std} must be positive")
+    _require(
+        0.0 <= d.val_fraction < 0.5,
+        f"data.val_fraction = {d.val_fraction} must be in [0, 0.5); 0.02 holds out 2% of documents",
+    )
+    _require(d.bpe_vocab >= 260, f"data.bpe_vocab = {d.bpe_vocab} must be at least 260 (256 bytes + specials)")
+    for key in ("steps", "seq_len", "global_batch_tokens", "micro_batch_size", "eval_batches", "log_every"):
+        value = getattr(t, key)
+        _require(value >= 1, f"train.{key} = {value} must be at least 1")
+    _require(t.eval_every >= 0, f"train.eval_every = {t.eval_every} must be >= 0 (0: never)")
+    _require(t.sample_tokens >= 0, f"train.sample_tokens = {t.sample_tokens} must be >= 0")
+    per_forward = t.seq_len * t.micro_batch_size
+    if t.global_batch_tokens % t.seq_len:
+        lower = max(t.seq_len, t.global_batch_tokens // t.seq_len * t.seq_len)
+        raise ConfigError(
+            f"train.global_batch_tokens = {t.global_batch_tokens} is not a multiple of "
+            f"train.seq_len = {t.seq_len}; use {lower}"
+        )
+    sequences = t.global_batch_tokens // t.seq_len
+    if sequences % min(t.micro_batch_size, sequences):
+        divisors = [b for b in range(1, sequences + 1) if sequences % b == 0 and b <= t.micro_batch_size]
+        raise ConfigError(
+            f"train.global_batch_tokens = {t.global_batch_tokens} is {sequences} sequences of "
+            f"{t.seq_len}, not a multiple of train.micro_batch_size = {t.micro_batch_size} "
+            f"({per_forward} tokens per forward); set train.micro_batch_size = {divisors[-1]} "
+            f"or train.global_batch_tokens = {math.ceil(sequences / t.micro_batch_size) * per_forward}"
+        )
+    _require(o.lr > 0, f"optim.lr = {o.lr} must be positive")
+    _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio = {o.min_lr_ratio} must be in [0, 1]")
+    _require(o.weight_decay >= 0, f"optim.weight_decay = {o.weight_decay} must be >= 0")
+    _require(0 <= o.beta1 < 1, f"optim.beta1 = {o.beta1} must be in [0, 1)")
+    _require(0 <= o.beta2 < 1, f"optim.beta2 = {o.beta2} must be in [0, 1)")
+    _require(o.eps > 0, f"optim.eps = {o.eps} must be positive")
+    _require(o.grad_clip >= 0, f"optim.grad_clip = {o.grad_clip} must be >= 0 (0: no clipping)")
+    _require(o.warmup_steps >= 0, f"optim.warmup_steps = {o.warmup_steps} must be >= 0")
+    _require(0 < o.decay_fraction <= 1, f"optim.decay_fraction = {o.decay_fraction} must be in (0, 1]")
+    _require(c.every >= 0, f"checkpoint.every = {c.every} must be >= 0 (0: only the final save)")
+    _require(c.keep_last >= 1, f"checkpoint.keep_last = {c.keep_last} must be at least 1")
+    _require(r.name != "" and "/" not in r.name, f"run.name = {r.name!r} must be a plain non-empty name")
+    validate_layout(cfg, world_size)
+
+
+@dataclass(frozen=True)
+class Degrees:
+    """The parallel degrees with -1 resolved against the number of workers."""
+
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel ranks: how many ways the global batch is split."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.tp
+
+
+def resolve_degrees(p: "ParallelSection", world_size: int) -> Degrees:
+    """Fill a -1 degree with what is left of the world; raise ConfigError if they do not fit."""
+    fixed = {"dp_replicate_degree": p.dp_replicate_degree, "dp_shard_degree": p.dp_shard_degree, "tp_degree": p.tp_degree}
+    for key, value in fixed.items():
+        _require(value >= 1 or (value == -1 and key != "tp_degree"),
+                 f"parallel.{key} = {value} must be at least 1" + ("" if key == "tp_degree" else ", or -1 to fill the world"))
+    fills = [k for k, v in fixed.items() if v == -1]
+    _require(len(fills) <= 1, f"only one degree may be -1, not {' and '.join('parallel.' + k for k in fills)}")
+    known = math.prod(v for v in fixed.values() if v != -1)
+    if fills:
+        if world_size % known:
+            raise ConfigError(
+                f"parallel.{fills[0]} = -1 cannot fill {world_size} worker(s): the other degrees multiply to "
+                f"{known}, which does not divide {world_size}"
+            )
+        fixed[fills[0]] = world_size // known
+    degrees = Degrees(fixed["dp_replicate_degree"], fixed["dp_shard_degree"], fixed["tp_degree"])
+    if degrees.world != world_size:
+        raise ConfigError(
+            f"parallel.dp_replicate_degree x dp_shard_degree x tp_degree = {degrees.dp_replicate} x "
+            f"{degrees.dp_shard} x {degrees.tp} = {degrees.world}, but the job has {world_size} worker(s) "
+            f"(--nproc-per-node x --nnodes); they must be equal: for example parallel.dp_shard_degree = -1 "
+            f"fills the world, or set parallel.dp_replicate_degree = {world_size // (degrees.dp_shard * degrees.tp) or 1}"
+            if world_size % (degrees.dp_shard * degrees.tp) == 0 else
+            f"parallel.dp_replicate_degree x dp_shard_degree x tp_degree = {degrees.world}, but the job has "
+            f"{world_size} worker(s); make the degrees multiply to {world_size}"
+        )
+    return degrees
+
+
+def validate_layout(cfg: Config, world_size: int | None) -> None:
+    """Degrees against each other, the model, the batch and (when known) the number of workers."""
+    p, t = cfg.parallel, cfg.train
+    for key in ("pp_degree", "cp_degree", "ep_degree"):
+        value = getattr(p, key)
+        _require(
+            value == 1,
+            f"parallel.{key} = {value}: pipeline, context and expert parallelism are not in this version "
+            f"of plait; set parallel.{key} = 1",
+        )
+    _require(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage = {p.zero_stage} must be 0, 1, 2 or 3")
+    degrees = resolve_degrees(p, world_size or 1) if world_size else None
+    shard = degrees.dp_shard if degrees else p.dp_shard_degree
+    if p.zero_stage and shard == 1:
+        raise ConfigError(
+            f"parallel.zero_stage = {p.zero_stage} shards over the data-parallel shard axis, but "
+            f"parallel.dp_shard_degree = 1; set parallel.dp_shard_degree > 1 (or -1), or parallel.zero_stage = 0"
+        )
+    if not p.zero_stage and shard != 1:
+        raise ConfigError(
+            f"parallel.dp_shard_degree = {p.dp_shard_degree} needs a ZeRO stage to say what is sharded; "
+            f"set parallel.zero_stage = 1, 2 or 3 (3 = FSDP), or use parallel.dp_replicate_degree for plain replicas"
+        )
+    _require(not p.mixed_precision or p.zero_stage >= 2,
+             "parallel.mixed_precision = true applies to sharded parameters: it needs parallel.zero_stage = 2 or 3; "
+             "for unsharded layouts use train.dtype = \"bf16\"")
+    _require(not p.cpu_offload or p.zero_stage == 3,
+             f"parallel.cpu_offload = true needs parallel.zero_stage = 3, not {p.zero_stage}")
+    _require(not p.sequence_parallel or p.tp_degree != 1,
+             "parallel.sequence_parallel = true needs parallel.tp_degree > 1 (it shards the tensor-parallel norm regions)")
+    if p.tp_degree > 1:
+        from plait.parallel.tensor_parallel import tensor_parallel_problems
+
+        problems = tensor_parallel_problems(
+            resolve_model_args(cfg.model), p.tp_degree, p.sequence_parallel, t.seq_len, cfg.model.vocab_multiple
+        )
+        if problems:
+            raise ConfigError("; ".join(problems))
+    dp_total = degrees.dp if degrees else max(p.dp_replicate_degree, 1) * max(p.dp_shard_degree, 1)
+    if p.tp_degree > 1 and (dp_total > 1 or p.dp_shard_degree == -1 or p.dp_replicate_degree == -1) and p.zero_stage < 2:
+        raise ConfigError(
+            f"parallel.tp_degree = {p.tp_degree} with data parallelism needs parallel.zero_stage = 2 or 3 "
+            f"(FSDP over the data-parallel axes): DDP and ZeRO-1 do not yet handle tensor-parallel (DTensor) "
+            f"parameters in plait; set parallel.zero_stage = 3 and parallel.dp_shard_degree > 1"
+        )
+    if degrees is None:
+        return
+    sequences = t.global_batch_tokens // t.seq_len
+    dp = degrees.dp
+    if sequences % dp:
+        raise ConfigError(
+            f"train.global_batch_tokens = {t.global_batch_tokens} is {sequences} sequences, which do not "
+            f"split into {dp} data-parallel ranks; set train.global_batch_tokens = "
+            f"{math.ceil(sequences / dp) * dp * t.seq_len}"
+        )
+    per_rank = sequences // dp
+    micro = micro_batch_size(t, dp)
+    if per_rank % micro:
+        options = [b for b in range(1, micro + 1) if per_rank % b == 0]
+        raise ConfigError(
+            f"train.global_batch_tokens = {t.global_batch_tokens} gives each of {dp} data-parallel ranks "
+            f"{per_rank} sequences, not a multiple of train.micro_batch_size = {micro}; set "
+            f"train.micro_batch_size = {options[-1]} or train.global_batch_tokens = "
+            f"{math.ceil(per_rank / micro) * micro * dp * t.seq_len}"
+        )
+
+
+def micro_batch_size(t: "TrainSection", dp: int) -> int:
+    """Sequences per forward on one rank: train.micro_batch_size, or a rank's whole share of the
+    step when that is smaller (so a config keeps working as ranks are added)."""
+    return min(t.micro_batch_size, t.global_batch_tokens // t.seq_len // dp)
+
+
+def resolve_model_args(m: ModelSection, tokenizer_vocab: int | None = None) -> "ModelArgs":
+    """The named size with this section's overrides applied, shape rules checked.
+
+    `tokenizer_vocab` is the tokenizer's vocabulary when known: the embedding then has at least
+    that many rows (padded up to `vocab_multiple` when the size does not fix the vocabulary).
+    """
+    from plait.model.sizes import NAMED_SIZES
+
+    if m.name not in NAMED_SIZES:
+        raise ConfigError(f"model.name = {m.name!r} is not a named size{_nearest(m.name, list(NAMED_SIZES))}")
+    base = NAMED_SIZES[m.name]
+    changes: dict[str, Any] = {}
+    for key, arg in (
+        ("layers", "layers"), ("hidden", "hidden"), ("heads", "heads"), ("kv_heads", "kv_heads"),
+        ("mlp", "mlp"), ("ffn_hidden", "ffn_hidden"), ("tie_embeddings", "tie_embeddings"),
+        ("rope_theta", "rope_theta"), ("rope_scaling_factor", "rope_scaling_factor"), ("norm_eps", "norm_eps"),
+    ):
+        value = getattr(m, key)
+        if value is not None:
+            changes[arg] = value
+    if m.heads is not None and m.kv_heads is None and base.kv_heads > m.heads:
+        changes["kv_heads"] = m.heads  # shrinking heads alone keeps the model valid
+    if m.mlp is not None and m.mlp != base.mlp and m.ffn_hidden is None:
+        changes["ffn_hidden"] = None  # the named width was for the other MLP: use the new default
+    changes["init_std"] = m.init_std
+    args = base.replace(**changes)
+
+    if args.hidden % args.heads:
+        raise ConfigError(
+            f"model.hidden = {args.hidden} is not divisible by model.heads = {args.heads}; "
+            f"pick heads among {[h for h in range(1, min(args.hidden, 128) + 1) if args.hidden % h == 0][-6:]}"
+        )
+    if args.head_dim % 2:
+        raise ConfigError(
+            f"model.hidden / model.heads = {args.head_dim} must be even for rotary embeddings; "
+            f"change model.heads or model.hidden"
+        )
+    if args.kv_heads > args.heads or args.heads % args.kv_heads:
+        options = [k for k in range(1, args.heads + 1) if args.heads % k == 0]
+        raise ConfigError(
+            f"model.kv_heads = {args.kv_heads} must divide model.heads = {args.heads} "
+            f"(grouped-query attention); valid: {options}"
+        )
+
+    if m.vocab is not None:
+        vocab = m.vocab
+        if tokenizer_vocab is not None and vocab < tokenizer_vocab:
+            raise ConfigError(
+                f"model.vocab = {vocab} is smaller than the tokenizer's vocabulary ({tokenizer_vocab}); "
+                f"set model.vocab >= {tokenizer_vocab} or leave it unset"
+            )
+    elif base.vocab is not None and (tokenizer_vocab is None or base.vocab >= tokenizer_vocab):
+        vocab = base.vocab
+    elif tokenizer_vocab is not None:
+        vocab = -(-tokenizer_vocab // m.vocab_multiple) * m.vocab_multiple
+    else:
+        vocab = None
+    return args.replace(vocab=vocab)

@@ -1,0 +1,76 @@
+"""The parity matrix: each layout's loss curve equals the single-process curve (gloo, CPU).
+
+fp32 bounds: step 1 within 1e-6 relative, every later step within 1e-4 relative. The only
+difference a layout may make is the order of floating-point sums (gradient averaging across
+ranks instead of accumulation on one), which moves the loss by ~1e-7 per step.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from .layouts import BASE, STEPS, assert_parity, plait_cli, run_layout, train_losses
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> list[float]:
+    return run_layout(tmp_path_factory.mktemp("single"), 1, [])
+
+
+LAYOUTS = {
+    "ddp2": (2, ["--parallel.dp_replicate_degree=2"]),
+    "ddp2-fill": (2, ["--parallel.dp_replicate_degree=-1"]),
+    "ddp2-activation-checkpointing": (2, ["--parallel.dp_replicate_degree=2", "--train.activation_checkpointing=true"]),
+    "ddp2-accumulate4": (2, ["--parallel.dp_replicate_degree=2", "--train.micro_batch_size=4"]),
+    "zero1-x2": (2, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=1"]),
+    "zero2-x2": (2, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=2"]),
+    "zero3-x4": (4, ["--parallel.dp_shard_degree=4", "--parallel.zero_stage=3"]),
+    "zero3-x2-accumulate4-offload": (2, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=3",
+                                         "--train.micro_batch_size=4", "--parallel.cpu_offload=true"]),
+    "hsdp-2x2": (4, ["--parallel.dp_replicate_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=3"]),
+    "tp2": (2, ["--parallel.tp_degree=2"]),
+    "tp2-sp": (2, ["--parallel.tp_degree=2", "--parallel.sequence_parallel=true"]),
+    "fsdp2-tp2": (4, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=3", "--parallel.tp_degree=2"]),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_process(name, reference, tmp_path):
+    nproc, overrides = LAYOUTS[name]
+    losses = run_layout(tmp_path / name, nproc, overrides)
+    assert_parity(reference, losses)
+    assert losses[-1] < losses[0] - 0.5  # and it trains
+
+
+def test_bf16_mixed_precision_within_looser_bound(reference, tmp_path):
+    """ZeRO-3 with bf16 parameters against the fp32 single process. bf16 keeps 8 bits of
+    mantissa (relative rounding 2^-9 = 2e-3 per operation), so the first loss may move by a few
+    1e-3 and later steps drift further as rounded updates accumulate; 2e-2 relative over 20 steps
+    still catches real errors (a wrong gradient scale or a lost shard moves the curve by far more)."""
+    losses = run_layout(tmp_path / "bf16", 2, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=3",
+                                              "--parallel.mixed_precision=true"])
+    assert_parity(reference, losses, first_rel=5e-3, later_rel=2e-2)
+
+
+def test_ddp_checkpoint_resumes_as_single_process(reference, tmp_path):
+    """A checkpoint of a 2-rank run resumes in one process and continues on the same curve."""
+    run_dir = tmp_path / "resume"
+    run_layout(run_dir, 2, ["--parallel.dp_replicate_degree=2", "--checkpoint.every=10"])
+    shutil.rmtree(run_dir / "checkpoints" / "step_20")
+    (run_dir / "checkpoints" / "latest").write_text("step_10\n")
+    (run_dir / "metrics.jsonl").unlink()
+    out = plait_cli("train", *BASE, f"--run.dir={run_dir}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed = train_losses(run_dir)
+    assert len(resumed) == STEPS - 10
+    assert_parity(reference[10:], resumed, first_rel=1e-4)
+
+
+def test_layout_errors_before_any_worker(tmp_path):
+    out = plait_cli("train", "--nproc-per-node", "2", "--parallel.dp_replicate_degree=4", f"--run.dir={tmp_path}", timeout=120)
+    assert out.returncode == 2
+    assert "set parallel.dp_replicate_degree = 2" in out.stderr
+    assert "torch.distributed" not in out.stderr  # refused before torchrun started anything
+    assert not (tmp_path / "config.toml").exists()

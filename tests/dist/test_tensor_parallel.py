@@ -1,0 +1,207 @@
+"""Tensor and sequence parallelism on 2 gloo ranks against an unsharded reference.
+
+One spawn of two CPU workers runs every layout (plain TP, TP+SP, the GELU MLP, tied embeddings)
+of the `debug` model (vocab 256, fp32): the first loss, every gradient (gathered with
+`.full_tensor()`) and the losses of 3 AdamW steps must equal the single-process model's. Rank 0
+writes the numbers to a JSON file and the tests compare them, one test per layout. The shape
+checks of `tensor_parallel_problems` are pure and run without processes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from plait.model import NAMED_SIZES, build_model
+from plait.parallel.tensor_parallel import (
+    SEQUENCE_PARALLEL_PLAN,
+    TENSOR_PARALLEL_PLAN,
+    build_parallelize_plan,
+    tensor_parallel_problems,
+)
+
+WORLD = 2
+STEPS = 3
+BATCH, SEQ = 4, 16
+DEBUG = NAMED_SIZES["debug"].replace(vocab=256)
+# name -> (model changes, sequence_parallel)
+LAYOUTS: dict[str, tuple[dict, bool]] = {
+    "tp": ({}, False),
+    "tp_sp": ({}, True),
+    "tp_gelu": ({"mlp": "gelu"}, False),
+    "tp_sp_gelu": ({"mlp": "gelu"}, True),
+    "tp_sp_tied": ({"tie_embeddings": True}, True),
+}
+
+
+def materialize_debug(**changes: object) -> torch.nn.Module:
+    from plait.model import materialize
+
+    return materialize(build_model(DEBUG.replace(**changes)), "cpu", seed=0)
+
+
+def _run_layout(changes: dict, sequence_parallel: bool, mesh) -> dict:
+    # Imports here: the worker is a fresh (spawned) interpreter.
+    from torch.distributed.tensor import DTensor
+
+    from plait.model import materialize
+    from plait.parallel.tensor_parallel import apply_tensor_parallel, loss_parallel_context, tp_cross_entropy
+
+    args = DEBUG.replace(**changes)
+    reference = materialize(build_model(args), "cpu", seed=0)
+    model = materialize(build_model(args), "cpu", seed=0)
+    apply_tensor_parallel(model, mesh, sequence_parallel)
+
+    gen = torch.Generator().manual_seed(1234)
+    tokens = torch.randint(0, args.vocab, (BATCH, SEQ + 1), generator=gen)
+    inputs_BT, targets_BT = tokens[:, :-1], tokens[:, 1:]
+
+    def step_reference() -> float:
+        loss = tp_cross_entropy(reference(inputs_BT), targets_BT)
+        loss.backward()
+        return loss.item()
+
+    def step_sharded() -> float:
+        # The backward of loss_parallel only works inside the context.
+        with loss_parallel_context(True):
+            logits_BTV = model(inputs_BT)
+            assert isinstance(logits_BTV, DTensor) and logits_BTV.placements[0].is_shard(2), logits_BTV
+            loss = tp_cross_entropy(logits_BTV, targets_BT)
+            loss.backward()
+        return loss.item()
+
+    out: dict = {"loss_ref": step_reference(), "loss_tp": step_sharded(), "grad_diff": {}, "misplaced": []}
+    ref_params = dict(reference.named_parameters())
+    for name, param in model.named_parameters():
+        grad = param.grad
+        if isinstance(param, DTensor) and grad.placements != param.placements:
+            out["misplaced"].append(f"{name}: grad {grad.placements} vs param {param.placements}")
+        full = grad.full_tensor() if isinstance(grad, DTensor) else grad
+        out["grad_diff"][name] = (full - ref_params[name].grad).abs().max().item()
+    out["tied"] = model.output.weight is model.embed.weight
+
+    # foreach=False: the same per-parameter code path for plain and DTensor parameters.
+    opt_ref = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    opt_tp = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    out["steps_ref"], out["steps_tp"] = [], []
+    for _ in range(STEPS):
+        for opt in (opt_ref, opt_tp):
+            opt.step()
+            opt.zero_grad()
+        out["steps_ref"].append(step_reference())
+        out["steps_tp"].append(step_sharded())
+    return out
+
+
+def _worker(rank: int, store: str, result_path: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from plait.parallel.tensor_parallel import apply_tensor_parallel
+
+    torch.set_num_threads(1)  # two processes on two cores
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+    )
+    mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",))
+    results: dict = {}
+    for name, (changes, sequence_parallel) in LAYOUTS.items():
+        # A failure is recorded per layout (both ranks fail alike), so one broken layout reports
+        # its own traceback and the others still run.
+        try:
+            results[name] = _run_layout(changes, sequence_parallel, mesh)
+        except Exception:
+            results[name] = {"error": f"rank {rank}:\n{traceback.format_exc()}"}
+    try:
+        apply_tensor_parallel(materialize_debug(vocab=255), mesh, sequence_parallel=False)
+        results["rejects_bad_vocab"] = "no error raised"
+    except ValueError as e:
+        results["rejects_bad_vocab"] = str(e)
+    if rank == 0:
+        Path(result_path).write_text(json.dumps(results))
+    # Without this teardown gloo sometimes aborts the process at interpreter exit.
+    dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("tp")
+    result_path = tmp / "results.json"
+    # mp.spawn raises with the worker's traceback if a worker fails or dies.
+    mp.spawn(_worker, args=(str(tmp / "store"), str(result_path)), nprocs=WORLD, join=True)
+    return json.loads(result_path.read_text())
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_parity_with_unsharded(results: dict, layout: str) -> None:
+    r = results[layout]
+    if "error" in r:
+        pytest.fail(r["error"], pytrace=False)
+    assert abs(r["loss_tp"] - r["loss_ref"]) <= 1e-6 * abs(r["loss_ref"]), (r["loss_tp"], r["loss_ref"])
+    bad = {name: diff for name, diff in r["grad_diff"].items() if not diff <= 1e-5}
+    assert not bad, f"gradients differ from the reference: {bad}"
+    assert len(r["grad_diff"]) == len(list(materialize_debug(**LAYOUTS[layout][0]).parameters()))
+    assert not r["misplaced"], r["misplaced"]
+    for step, (ref, got) in enumerate(zip(r["steps_ref"], r["steps_tp"]), start=1):
+        assert abs(got - ref) <= 1e-5 * abs(ref), f"AdamW step {step}: {got} vs {ref}"
+    if LAYOUTS[layout][0].get("tie_embeddings"):
+        assert r["tied"], "the output head no longer shares the embedding weight"
+
+
+def test_apply_rejects_bad_shapes(results: dict) -> None:
+    assert "model.vocab = 255 is not divisible by parallel.tp_degree = 2" in results["rejects_bad_vocab"]
+
+
+def test_plan_tables_expand_per_block() -> None:
+    gelu = build_model(DEBUG.replace(mlp="gelu"))
+    plan = build_parallelize_plan(gelu.layers["1"], TENSOR_PARALLEL_PLAN, prefix="layers.1.")
+    assert sorted(plan) == ["attn.k_proj", "attn.o_proj", "attn.q_proj", "attn.v_proj", "mlp.down_proj", "mlp.up_proj"]
+    plan = build_parallelize_plan(gelu.layers["0"], SEQUENCE_PARALLEL_PLAN, prefix="layers.0.")
+    assert {"attn", "attn_norm", "mlp", "mlp_norm"} <= set(plan)
+    with pytest.raises(ValueError, match="unknown style 'diagonal'"):
+        build_parallelize_plan(gelu, {"embed": "diagonal"})
+
+
+def _problems(tp: int, sp: bool = False, seq_len: int = 16, vocab_multiple: int | None = None, **changes) -> str:
+    return " | ".join(tensor_parallel_problems(DEBUG.replace(**changes), tp, sp, seq_len, vocab_multiple))
+
+
+def test_problems_accepts_good_layouts() -> None:
+    assert tensor_parallel_problems(DEBUG, 2, True, 16) == []
+    assert tensor_parallel_problems(DEBUG, 1, False, 15) == []
+    assert tensor_parallel_problems(DEBUG.replace(tie_embeddings=True), 2, True, 16) == []
+    assert tensor_parallel_problems(DEBUG, 2, False, 15) == []  # seq_len only matters with SP
+
+
+def test_problems_name_fields_and_fixes() -> None:
+    text = _problems(3, kv_heads=4)
+    assert "model.heads = 4 is not divisible by parallel.tp_degree = 3" in text
+    assert "valid tp_degree: 1, 2, 4" in text
+    assert "model.kv_heads = 4 is not divisible by parallel.tp_degree = 3" in text
+    assert "model.vocab = 256 is not divisible by parallel.tp_degree = 3" in text
+
+    text = _problems(4)  # debug has 2 kv heads: replicating them is not supported
+    assert "model.kv_heads = 2 is smaller than parallel.tp_degree = 4" in text and "not supported" in text
+    assert "model.heads = 4 is not" not in text
+
+    text = _problems(2, ffn_hidden=191)
+    assert "model.ffn_hidden" in text and "192" in text
+
+    text = _problems(2, vocab=257)
+    assert "model.vocab = 257" in text and "model.vocab = 258" in text and "model.vocab_multiple" in text
+    assert "model.vocab_multiple = 63" in _problems(2, vocab=None, vocab_multiple=63)
+    assert _problems(2, vocab=None, vocab_multiple=64) == ""
+
+    text = _problems(2, sp=True, seq_len=15)
+    assert "train.seq_len = 15 is not divisible by parallel.tp_degree = 2" in text and "14 or 16" in text
+
+    assert "parallel.sequence_parallel = true needs parallel.tp_degree > 1" in _problems(1, sp=True)
