@@ -7,9 +7,15 @@ ranks instead of accumulation on one), which moves the loss by ~1e-7 per step.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+import plait
 
 from .layouts import BASE, STEPS, assert_parity, plait_cli, run_layout, train_losses
 
@@ -74,3 +80,15 @@ def test_layout_errors_before_any_worker(tmp_path):
     assert "set parallel.dp_replicate_degree = 2" in out.stderr
     assert "torch.distributed" not in out.stderr  # refused before torchrun started anything
     assert not (tmp_path / "config.toml").exists()
+
+
+def test_torchrun_starts_plait_directly(reference, tmp_path):
+    """`torchrun ... -m plait train` is the same job as `plait train --nproc-per-node`."""
+    env = {**os.environ, "PYTHONPATH": str(Path(plait.__file__).parents[1])}
+    run_dir = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "plait", "train", *BASE, f"--run.dir={run_dir}", "--parallel.dp_shard_degree=-1",
+           "--parallel.zero_stage=3"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_parity(reference, train_losses(run_dir))
