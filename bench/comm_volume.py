@@ -1,0 +1,132 @@
+"""Bytes on the wire per rank per step, measured next to the formula, for each parallel layout.
+
+Each layout runs as a torchrun job of this script (`--worker`): the `debug` model (fp32) goes
+through plait's own `apply_layout` and optimizer, takes one warm-up step, then one step (forward,
+backward, optimizer) under `plait.parallel.comm_counter.CommCounter`, and rank 0 reports. The
+formulas (PAPERS.md; Psi = parameters, 4 bytes each in fp32; n = ranks in the group; B s h = one
+rank's activations of one layer, 4 bytes each):
+  DDP, ZeRO-2:  2 (n-1)/n 4Psi            (one all-reduce, or reduce-scatter + all-gather)
+  ZeRO-3:       3 (n-1)/n 4Psi            (all-gather in forward and again in backward + reduce-scatter)
+  ZeRO-1:       2 (n-1)/n 4Psi + 4Psi      (PyTorch's ZeroRedundancyOptimizer: a full gradient
+                                          all-reduce, then each partition broadcast by its owner)
+  TP, TP+SP:    (4 L + 2) 2 (n-1)/n B s h 4  (2 all-reduces per layer forward and 2 backward, plus
+                                          the vocabulary-parallel embedding forward and the output
+                                          head's input gradient; SP turns each into an equal-volume
+                                          reduce-scatter/all-gather pair)
+Prints a table and writes JSON (default bench/out/comm_volume.json).
+
+    python bench/comm_volume.py [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SEQ_LEN, BATCH = 64, 8  # global sequences per step
+LAYOUTS = {
+    "ddp x2": (2, ["--parallel.dp_replicate_degree=2"]),
+    "zero1 x2": (2, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=1"]),
+    "zero2 x2": (2, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=2"]),
+    "zero3 x2": (2, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=3"]),
+    "zero3 x4": (4, ["--parallel.dp_shard_degree=4", "--parallel.zero_stage=3"]),
+    "tp x2": (2, ["--parallel.tp_degree=2"]),
+    "tp x2 + sp": (2, ["--parallel.tp_degree=2", "--parallel.sequence_parallel=true"]),
+}
+
+
+def formula(name: str, n: int, params: int, layers: int, hidden: int) -> float:
+    psi = 4.0 * params
+    if name.startswith(("ddp", "zero2")):
+        return 2 * (n - 1) / n * psi
+    if name.startswith("zero3"):
+        return 3 * (n - 1) / n * psi
+    if name.startswith("zero1"):
+        return 2 * (n - 1) / n * psi + psi
+    activations = BATCH * SEQ_LEN * hidden * 4.0  # TP ranks all see the whole batch
+    return (4 * layers + 2) * 2 * (n - 1) / n * activations
+
+
+def worker(overrides: list[str]) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from plait.config import build_config, resolve_degrees, resolve_model_args
+    from plait.model import build_model, count_params, materialize
+    from plait.parallel.apply import apply_layout, build_layout_optimizer
+    from plait.parallel.comm_counter import CommCounter
+    from plait.parallel.mesh import build_layout
+    from plait.parallel.tensor_parallel import loss_parallel_context, tp_cross_entropy
+
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    cfg = build_config(None, ["--model.name=debug", f"--train.seq_len={SEQ_LEN}",
+                              f"--train.global_batch_tokens={SEQ_LEN * BATCH}", *overrides], world_size=world)
+    layout = build_layout(resolve_degrees(cfg.parallel, world), torch.device("cpu"))
+    args = resolve_model_args(cfg.model, 256)
+    model = apply_layout(materialize(build_model(args), "cpu", 0), cfg.train, cfg.parallel, layout)
+    optimizer = build_layout_optimizer(model, cfg.optim, cfg.parallel, layout)
+    per_rank = BATCH // layout.degrees.dp
+    gen = torch.Generator().manual_seed(layout.dp_rank())
+    tp = layout.degrees.tp > 1
+
+    def step() -> None:
+        tokens = torch.randint(0, 256, (per_rank, SEQ_LEN + 1), generator=gen)
+        with loss_parallel_context(tp):
+            loss = tp_cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up: lazy initialisation of FSDP and DDP
+    with CommCounter() as counter:
+        step()
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps({**counter.summary(), "params": count_params(args).total,
+                                      "layers": args.layers, "hidden": args.hidden}), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/out/comm_volume.json")
+    parser.add_argument("--worker", nargs=argparse.REMAINDER)
+    a = parser.parse_args()
+    if a.worker is not None:
+        worker(a.worker)
+        return 0
+    rows = []
+    print(f"{'layout':<14}{'ranks':>6}{'measured B/rank':>17}{'formula B/rank':>16}{'ratio':>8}  by kind (calls)")
+    for name, (n, overrides) in LAYOUTS.items():
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+               __file__, "--worker", *overrides]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+        if out.returncode != 0 or not lines:
+            print(f"{name}: failed\n{out.stderr[-2000:]}")
+            return 1
+        result = json.loads(lines[0][len("RESULT "):])
+        group = n  # every layout here uses all ranks on its one parallel axis
+        expected = formula(name, group, result["params"], result["layers"], result["hidden"])
+        measured = result["wire_bytes"]
+        kinds = ", ".join(f"{k} {v['calls']}" for k, v in result["by_kind"].items())
+        print(f"{name:<14}{n:>6}{measured:>17,.0f}{expected:>16,.0f}{measured / expected:>8.3f}  {kinds}")
+        rows.append({"layout": name, "ranks": n, "measured_wire_bytes": measured, "formula_wire_bytes": expected,
+                     "ratio": measured / expected, **result})
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"benchmark": "comm_volume", "date": time.strftime("%Y-%m-%d"),
+                                       "seq_len": SEQ_LEN, "global_batch": BATCH, "rows": rows}, indent=1))
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

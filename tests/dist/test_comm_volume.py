@@ -1,0 +1,43 @@
+"""The collective byte counter against the ZeRO formulas (PAPERS.md), on real gloo jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import plait
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "comm_volume.py"
+
+
+def counted(nproc: int, overrides: list[str]) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(Path(plait.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(BENCH), "--worker", *overrides]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.parametrize(
+    "overrides, factor",
+    [(["--parallel.dp_shard_degree=2", "--parallel.zero_stage=2"], 2.0),  # reduce-scatter + all-gather
+     (["--parallel.dp_shard_degree=2", "--parallel.zero_stage=3"], 3.0)],  # + all-gather again in backward
+)
+def test_zero_bytes_match_formula(overrides, factor):
+    r = counted(2, overrides)
+    expected = factor * (2 - 1) / 2 * 4 * r["params"]
+    assert r["wire_bytes"] == pytest.approx(expected, rel=1e-9)
+    assert r["by_kind"]["reduce_scatter"]["calls"] == 3  # one per FSDP unit: 2 blocks + root
+
+
+def test_ddp_bytes_match_one_gradient_all_reduce():
+    r = counted(2, ["--parallel.dp_replicate_degree=2"])
+    assert r["by_kind"]["all_reduce"]["payload_bytes"] == 4 * r["params"]
+    assert r["by_kind"]["all_reduce"]["wire_bytes"] == pytest.approx(2 * (2 - 1) / 2 * 4 * r["params"])
