@@ -41,3 +41,15 @@ def test_ddp_bytes_match_one_gradient_all_reduce():
     r = counted(2, ["--parallel.dp_replicate_degree=2"])
     assert r["by_kind"]["all_reduce"]["payload_bytes"] == 4 * r["params"]
     assert r["by_kind"]["all_reduce"]["wire_bytes"] == pytest.approx(2 * (2 - 1) / 2 * 4 * r["params"])
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_tensor_parallel_bytes_match_megatron(sp):
+    """2 all-reduces per layer forward and 2 backward (SP: equal-volume reduce-scatter/all-gather
+    pairs), plus the vocabulary-parallel embedding forward and the output head's input gradient."""
+    overrides = ["--parallel.tp_degree=2"] + (["--parallel.sequence_parallel=true"] if sp else [])
+    r = counted(2, overrides)
+    activations = 8 * 64 * r["hidden"] * 4  # the bench's 8 sequences of 64 tokens, fp32
+    expected = (4 * r["layers"] + 2) * 2 * (2 - 1) / 2 * activations
+    # SP adds the small all-reduces of the norm weights' gradients (hidden floats each).
+    assert r["wire_bytes"] == pytest.approx(expected, rel=2e-3 if sp else 1e-9)

@@ -164,7 +164,7 @@ def test_apply_rejects_bad_shapes(results: dict) -> None:
 def test_plan_tables_expand_per_block() -> None:
     gelu = build_model(DEBUG.replace(mlp="gelu"))
     plan = build_parallelize_plan(gelu.layers["1"], TENSOR_PARALLEL_PLAN, prefix="layers.1.")
-    assert sorted(plan) == ["attn.k_proj", "attn.o_proj", "attn.q_proj", "attn.v_proj", "mlp.down_proj", "mlp.up_proj"]
+    assert sorted(plan) == ["attn", "attn.k_proj", "attn.o_proj", "attn.q_proj", "attn.v_proj", "mlp", "mlp.down_proj", "mlp.up_proj"]
     plan = build_parallelize_plan(gelu.layers["0"], SEQUENCE_PARALLEL_PLAN, prefix="layers.0.")
     assert {"attn", "attn_norm", "mlp", "mlp_norm"} <= set(plan)
     with pytest.raises(ValueError, match="unknown style 'diagonal'"):

@@ -81,6 +81,13 @@ STYLES: dict[str, Callable[[], ParallelStyle]] = {
         input_layouts=(Shard(1), None, None, None), desired_input_layouts=(Replicate(), None, None, None)
     ),
     "gather_sequence": lambda: PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+    # Plain TP: mark the sub-block's (replicated) input as one DTensor, so the input gradients of
+    # q, k and v (gate and up) add up as partial sums first and are all-reduced once, as
+    # Megatron's fused projections do, instead of once per projection.
+    "replicate_attn": lambda: PrepareModuleInput(
+        input_layouts=(Replicate(), None, None, None), desired_input_layouts=(Replicate(), None, None, None)
+    ),
+    "replicate_input": lambda: PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),)),
     # The all-reduce becomes a reduce-scatter onto sequence slices. The output stays a DTensor
     # because the residual stream is a DTensor under sequence parallelism (see the embedding).
     "rowwise_to_sequence": lambda: RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
@@ -99,10 +106,12 @@ STYLES: dict[str, Callable[[], ParallelStyle]] = {
 # a pattern that matches nothing is skipped (gate_proj is absent from the GELU MLP).
 TENSOR_PARALLEL_PLAN: dict[str, str] = {
     "embed": "vocab_embedding",
+    "layers.*.attn": "replicate_attn",
     "layers.*.attn.q_proj": "colwise",
     "layers.*.attn.k_proj": "colwise",
     "layers.*.attn.v_proj": "colwise",
     "layers.*.attn.o_proj": "rowwise",
+    "layers.*.mlp": "replicate_input",
     "layers.*.mlp.gate_proj": "colwise",
     "layers.*.mlp.up_proj": "colwise",
     "layers.*.mlp.down_proj": "rowwise",
