@@ -156,6 +156,11 @@ def validate_layout(cfg: Config, world_size: int | None) -> None:
              f"parallel.cpu_offload = true needs parallel.zero_stage = 3, not {p.zero_stage}")
     _require(not p.sequence_parallel or p.tp_degree != 1,
              "parallel.sequence_parallel = true needs parallel.tp_degree > 1 (it shards the tensor-parallel norm regions)")
+    _require(
+        not (p.tp_degree > 1 and t.compile),
+        "train.compile = true with parallel.tp_degree > 1 fails inside PyTorch in this version "
+        "(compiled DTensor redistribute in backward); set train.compile = false for tensor-parallel runs",
+    )
     if p.tp_degree > 1:
         from plait.parallel.tensor_parallel import tensor_parallel_problems
 

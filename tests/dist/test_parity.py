@@ -39,6 +39,9 @@ LAYOUTS = {
     "tp2": (2, ["--parallel.tp_degree=2"]),
     "tp2-sp": (2, ["--parallel.tp_degree=2", "--parallel.sequence_parallel=true"]),
     "fsdp2-tp2": (4, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=3", "--parallel.tp_degree=2"]),
+    "fsdp2-tp2-activation-checkpointing": (4, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=3",
+                                               "--parallel.tp_degree=2", "--train.activation_checkpointing=true"]),
+    "zero3-x2-compile": (2, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=3", "--train.compile=true"]),
 }
 
 

@@ -52,13 +52,14 @@ def test_overrides_both_forms_and_types():
         ("--parallel.sequence_parallel=true", "parallel.sequence_parallel = true needs parallel.tp_degree > 1"),
         ("--parallel.tp_degree=3", "model.heads = 4 is not divisible by parallel.tp_degree = 3"),
         ("--parallel.tp_degree=4", "model.kv_heads = 2 is smaller than parallel.tp_degree = 4"),
+        ("--parallel.tp_degree=2 --train.compile=true", "train.compile = true with parallel.tp_degree > 1"),
         ("--checkpoint.keep_last=0", "checkpoint.keep_last = 0 must be at least 1"),
         ("steps=3", "unexpected argument 'steps=3'"),
     ],
 )
 def test_errors_name_field_and_fix(override, expected):
     with pytest.raises(ConfigError) as info:
-        build_config(None, [override])
+        build_config(None, override.split(" "))
     assert expected in str(info.value)
 
 
