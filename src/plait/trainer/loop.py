@@ -29,7 +29,7 @@ from plait.parallel.apply import apply_layout, build_layout_optimizer
 from plait.parallel.mesh import build_layout
 from plait.parallel.tensor_parallel import clip_grad_norm_mixed, loss_parallel_context, tp_cross_entropy
 from plait.parallel.data_parallel import gradient_sync
-from plait.parallel.distributed import barrier, init_distributed, launched_world_size, mean_across_ranks, shutdown
+from plait.parallel.distributed import DistInfo, barrier, init_distributed, launched_world_size, mean_across_ranks, shutdown
 from plait.trainer.metrics import MetricsLogger
 from plait.trainer.progress import ProgressDisplay, human
 from plait.trainer.setup import config_lines, derive, memory_bytes, pick_device, resolved_config, write_run_config
@@ -85,7 +85,7 @@ def train(cfg: Config) -> TrainResult:
         shutdown(dist_info)
 
 
-def _train(cfg: Config, dist_info) -> TrainResult:
+def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     t, o = cfg.train, cfg.optim
     device, main = dist_info.device, dist_info.is_main
     layout = build_layout(resolve_degrees(cfg.parallel, dist_info.world_size), device)
