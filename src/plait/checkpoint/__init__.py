@@ -1,4 +1,7 @@
-"""Checkpoints of a single process: save, find the newest, load.
+"""Checkpoint files: write one atomically, find the newest, read it back.
+
+A checkpoint holds whole tensors by name, whatever layout wrote it (`plait.checkpoint.state`
+gathers them from, and scatters them to, any layout), so it resumes under any other.
 
 Layout of `RUN_DIR/checkpoints/`:
     step_<N>/model.safetensors      whole parameters by name, whatever layout wrote them
@@ -149,27 +152,6 @@ def read_tensors(path: Path, kind: str) -> dict[str, torch.Tensor]:
     return load_file(str(Path(path) / f"{kind}.safetensors"))
 
 
-def load_model_weights(path: Path, model: nn.Module) -> None:
-    """Copy the checkpoint's parameters into an unwrapped, single-process `model`."""
-    tensors = read_tensors(path, "model")
-    params = named_parameters(model)
-    missing = sorted(set(params) - set(tensors))
-    unexpected = sorted(set(tensors) - set(dict(model.state_dict())))
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {path} does not match the model: missing {missing[:4]}, unexpected {unexpected[:4]}; "
-            f"was it saved with a different model.* config?"
-        )
-    with torch.no_grad():
-        for name, param in params.items():
-            if param.shape != tensors[name].shape:
-                raise ValueError(
-                    f"checkpoint {path}: {name} has shape {tuple(tensors[name].shape)}, "
-                    f"the model expects {tuple(param.shape)}"
-                )
-            param.copy_(tensors[name])
-
-
 def check_model_tensors(path: Path, tensors: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> None:
     """Refuse, with names, a checkpoint whose parameters do not match the model's."""
     missing = sorted(set(shapes) - set(tensors))
@@ -180,6 +162,13 @@ def check_model_tensors(path: Path, tensors: dict[str, torch.Tensor], shapes: di
             f"checkpoint {path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
             f"shapes {wrong[:3]}); was it saved with a different model.* config?"
         )
+
+
+def load_model_weights(path: Path, model: nn.Module) -> None:
+    """Copy the checkpoint's parameters into an unwrapped, single-process `model`."""
+    tensors = read_tensors(path, "model")
+    check_model_tensors(path, tensors, {name: t.shape for name, t in model.state_dict().items()})
+    model.load_state_dict(tensors)
 
 
 def restore_rng(path: Path) -> None:

@@ -166,6 +166,8 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
             save_checkpoint(run_dir, at_step, model_tensors, optim_tensors, optim_groups, state, cfg.checkpoint.keep_last)
         barrier(dist_info)
 
+    # torch's clipping cannot mix plain and DTensor gradients, as tensor parallelism does.
+    clip_grad_norm = clip_grad_norm_mixed if tp else nn.utils.clip_grad_norm_
     loss_sum = torch.zeros((), device=device)  # summed on device; read only when logging
     logged_steps, last_loss, val_loss = 0, None, None
     window_start, window_tokens = time.perf_counter(), 0
@@ -182,8 +184,7 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
                 loss = lm_loss(model, micro, autocast) / derived.accumulation_steps
                 loss.backward()
             loss_sum += loss.detach()
-        clip = clip_grad_norm_mixed if tp else nn.utils.clip_grad_norm_
-        grad_norm = clip(model.parameters(), o.grad_clip) if o.grad_clip > 0 else None
+        grad_norm = clip_grad_norm(model.parameters(), o.grad_clip) if o.grad_clip > 0 else None
         if isinstance(grad_norm, DTensor):  # sharded gradients: the norm is a DTensor too
             grad_norm = grad_norm.full_tensor()
         optimizer.step()
