@@ -65,7 +65,10 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         from plait.launch import launch
 
         # Every rule is checked here, before any worker starts.
-        build_config(args.config, overrides, world_size=args.nproc_per_node * args.nnodes)
+        cfg = build_config(args.config, overrides, world_size=args.nproc_per_node * args.nnodes)
+        from plait.parallel.distributed import check_gpus_per_node
+
+        check_gpus_per_node(cfg.train.device, args.nproc_per_node)
         return launch(args, overrides)
     cfg = build_config(args.config, overrides, world_size=world_size)
     result = train(cfg)

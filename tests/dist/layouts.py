@@ -20,6 +20,8 @@ BASE = [
     "--config", str(Path(__file__).resolve().parents[2] / "configs" / "debug.toml"),
     f"--train.steps={STEPS}", "--train.log_every=1", "--train.eval_every=0", "--train.sample_tokens=0",
     "--checkpoint.every=0", "--run.progress=none", "--run.tensorboard=false", "--train.dtype=fp32",
+    # The matrix is the gloo-on-CPU one, also on a machine with a GPU.
+    "--train.device=cpu",
 ]
 
 

@@ -37,6 +37,21 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def check_gpus_per_node(device_name: str, nproc_per_node: int) -> None:
+    """Workers on a GPU take one GPU each: refuse more workers per node than there are GPUs
+    (before any worker starts) instead of failing inside NCCL."""
+    if device_name not in ("auto", "cuda") or not torch.cuda.is_available():
+        return
+    gpus = torch.cuda.device_count()
+    if nproc_per_node > gpus:
+        from plait.config import ConfigError
+
+        raise ConfigError(
+            f"--nproc-per-node {nproc_per_node} with train.device = {device_name!r}: each worker takes one GPU, "
+            f"but this node has {gpus}; use --nproc-per-node {gpus}, or --train.device=cpu for CPU workers (gloo)"
+        )
+
+
 def init_distributed(device: torch.device) -> DistInfo:
     """Join the job (if there is one) and pick this worker's device."""
     world = launched_world_size()
@@ -44,6 +59,7 @@ def init_distributed(device: torch.device) -> DistInfo:
         return DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
+        check_gpus_per_node(device.type, int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)))
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
