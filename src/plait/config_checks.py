@@ -169,13 +169,6 @@ def validate_layout(cfg: Config, world_size: int | None) -> None:
         )
         if problems:
             raise ConfigError("; ".join(problems))
-    dp_total = degrees.dp if degrees else max(p.dp_replicate_degree, 1) * max(p.dp_shard_degree, 1)
-    if p.tp_degree > 1 and (dp_total > 1 or p.dp_shard_degree == -1 or p.dp_replicate_degree == -1) and p.zero_stage < 2:
-        raise ConfigError(
-            f"parallel.tp_degree = {p.tp_degree} with data parallelism needs parallel.zero_stage = 2 or 3 "
-            f"(FSDP over the data-parallel axes): DDP and ZeRO-1 do not yet handle tensor-parallel (DTensor) "
-            f"parameters in plait; set parallel.zero_stage = 3 and parallel.dp_shard_degree > 1"
-        )
     if degrees is None:
         return
     sequences = t.global_batch_tokens // t.seq_len

@@ -140,9 +140,7 @@ def test_layout_against_world_size():
     assert micro_batch_size(cfg.train, 4) == 8
 
 
-def test_tensor_parallel_with_data_parallel_needs_fsdp():
-    with pytest.raises(ConfigError, match="needs parallel.zero_stage = 2 or 3"):
-        build_config(None, ["--parallel.tp_degree=2", "--parallel.dp_replicate_degree=2"], world_size=4)
-    with pytest.raises(ConfigError, match="needs parallel.zero_stage = 2 or 3"):
-        build_config(None, ["--parallel.tp_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=1"], world_size=4)
-    build_config(None, ["--parallel.tp_degree=2", "--parallel.dp_shard_degree=-1", "--parallel.zero_stage=3"], world_size=4)
+def test_tensor_parallel_composes_with_every_data_parallel_stage():
+    for layout in (["--parallel.dp_replicate_degree=2"], ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=1"],
+                   ["--parallel.dp_shard_degree=-1", "--parallel.zero_stage=2"]):
+        build_config(None, ["--parallel.tp_degree=2", *layout], world_size=4)

@@ -3,8 +3,9 @@
 Checkpoints hold full tensors keyed by parameter name, so they do not depend on the layout that
 wrote them. Gathering uses PyTorch's distributed state-dict helpers (which strip wrapper names
 and assemble FSDP/DTensor shards) and lands on rank 0 in CPU memory; loading gives every rank the
-full tensors and lets the same helpers keep each rank's shard. ZeRO-1's optimizer keeps its own
-partitioned state and is consolidated with its own API. (Sharded checkpoints written by every
+full tensors and lets the same helpers keep each rank's shard. ZeRO-1's optimizer
+(`plait.parallel.zero1`) keeps its state in flat per-rank slices and converts it to and from the
+same per-parameter tensors itself. (Sharded checkpoints written by every
 rank in parallel are a later step; this gathers, so it suits models that fit in host memory.)
 """
 
@@ -21,7 +22,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.optim import ZeroRedundancyOptimizer
+
+from plait.parallel.zero1 import Zero1AdamW
 
 Tensors = dict[str, torch.Tensor]
 
@@ -47,15 +49,8 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str
 def gather_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, distributed: bool, is_main: bool) -> tuple[Tensors, list[dict[str, Any]]]:
     """Optimizer state as "<param>::<key>" tensors plus the groups' hyperparameters (with the
     names of their parameters), on rank 0; empty elsewhere."""
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
-        optimizer.consolidate_state_dict(to=0)
-        if not is_main:
-            return {}, []
-        full = optimizer.state_dict()
-        names = _param_names(model, optimizer)
-        tensors = {f"{names[i]}::{k}": v.detach().cpu().clone() for i, s in full["state"].items() for k, v in s.items()}
-        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]} for g in full["param_groups"]]
-        return tensors, groups
+    if isinstance(optimizer, Zero1AdamW):
+        return optimizer.gather_full_state(_param_names(model, optimizer), keep=is_main)
     state = get_optimizer_state_dict(model, optimizer, options=_options(distributed))
     # With full_state_dict + cpu_offload only rank 0 receives anything; the others get {}.
     tensors = {
@@ -74,14 +69,8 @@ def scatter_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, tensor
     for key, value in tensors.items():
         name, field = key.split("::", 1)
         per_param.setdefault(name, {})[field] = value
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
-        names = _param_names(model, optimizer)
-        index = {name: i for i, name in enumerate(names)}
-        full = {
-            "state": {index[name]: s for name, s in per_param.items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in groups],
-        }
-        optimizer.load_state_dict(full)
+    if isinstance(optimizer, Zero1AdamW):
+        optimizer.load_full_state(per_param, groups, _param_names(model, optimizer))
         return
     set_optimizer_state_dict(
         model, optimizer, {"state": per_param, "param_groups": groups},

@@ -8,11 +8,15 @@ Order and why:
 3. torch.compile per block (not the whole model): blocks share code, so one compiled graph
    serves every layer, and a graph break stays local to a block;
 4. data parallelism last, over the data-parallel axes: FSDP2 (ZeRO-2/3, HSDP) must wrap the
-   final modules and parameters; DDP (plain or with ZeRO-1's sharded optimizer) likewise, and
-   its gradient hooks then fire after any recomputation.
+   final modules and parameters; DDP (plain data parallelism without TP) likewise, and its
+   gradient hooks then fire after any recomputation. ZeRO-1, and plain data parallelism with
+   TP (DDP takes no DTensor parameters), leave the model alone: their optimizer
+   (`build_layout_optimizer`, zero1.py) averages the gradients after backward.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -22,14 +26,14 @@ from plait.optim import build_optimizer
 from plait.parallel.activation_checkpoint import apply_activation_checkpointing
 from plait.parallel.data_parallel import apply_data_parallel
 from plait.parallel.mesh import Layout
+from plait.parallel.tensor_parallel import apply_tensor_parallel, clip_grad_norm_mixed
+from plait.parallel.zero1 import Zero1AdamW, build_zero1_optimizer
 
 
 def apply_layout(model: nn.Module, train: TrainSection, parallel: ParallelSection | None = None, layout: Layout | None = None) -> nn.Module:
     """The model to train: `model` itself transformed in place, or a DDP wrapper around it."""
     degrees = layout.degrees if layout is not None else None
     if degrees is not None and degrees.tp > 1:
-        from plait.parallel.tensor_parallel import apply_tensor_parallel
-
         apply_tensor_parallel(model, layout.submesh("tp"), parallel.sequence_parallel)
     if train.activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -45,15 +49,37 @@ def apply_layout(model: nn.Module, train: TrainSection, parallel: ParallelSectio
         dp_axes = ("dp_replicate", "dp_shard") if degrees.dp_replicate > 1 else ("dp_shard",)
         apply_fully_shard(model, layout.submesh(*dp_axes), parallel.zero_stage, parallel.mixed_precision, parallel.cpu_offload)
         return model
-    return apply_data_parallel(model, layout.dp_group())
+    if _optimizer_averages_gradients(parallel, layout):
+        return model
+    # Only the data-parallel ranks remain (tp = 1): DDP over the default group.
+    return apply_data_parallel(model)
+
+
+def _optimizer_averages_gradients(parallel: ParallelSection | None, layout: Layout | None) -> bool:
+    """ZeRO-1, or plain data parallelism with TP: Zero1AdamW reduces the gradients."""
+    if parallel is None or layout is None or layout.mesh is None or layout.degrees.dp == 1:
+        return False
+    return parallel.zero_stage == 1 or (parallel.zero_stage == 0 and layout.degrees.tp > 1)
 
 
 def build_layout_optimizer(model: nn.Module, cfg: OptimSection, parallel: ParallelSection | None, layout: Layout | None) -> torch.optim.Optimizer:
-    if parallel is not None and parallel.zero_stage == 1 and layout is not None and layout.mesh is not None:
-        from plait.parallel.zero1 import build_zero1_optimizer
-
-        return build_zero1_optimizer(model, cfg, layout.submesh("dp_shard"))
+    if _optimizer_averages_gradients(parallel, layout):
+        # zero_stage 0 has dp_shard = 1 (validated), so its shard group is one rank: no sharding.
+        shard, replicate, tp = (layout.submesh(axis).get_group() for axis in ("dp_shard", "dp_replicate", "tp"))
+        return build_zero1_optimizer(model, cfg, shard, replicate, tp)
     # foreach kernels need every tensor of a group on one placement; tensor-parallel groups mix
     # sharded and replicated DTensors.
     foreach = not (layout is not None and layout.degrees.tp > 1)
     return build_optimizer(model, cfg, foreach=foreach)
+
+
+def build_grad_clipper(model: nn.Module, optimizer: torch.optim.Optimizer, tp: bool) -> Callable[[float], torch.Tensor]:
+    """`clip(max_norm)`: clip the step's gradients by their global 2-norm, return the norm.
+
+    torch's clip_grad_norm_ cannot mix plain and DTensor gradients (tensor parallelism does);
+    Zero1AdamW holds the averaged gradients itself, in per-rank slices, so it clips them there.
+    """
+    if isinstance(optimizer, Zero1AdamW):
+        return optimizer.clip_grad_norm_
+    clip = clip_grad_norm_mixed if tp else nn.utils.clip_grad_norm_
+    return lambda max_norm: clip(model.parameters(), max_norm)

@@ -1,7 +1,7 @@
 """Count what every collective moves, per rank, as it runs.
 
 A `TorchDispatchMode` sees each collective at the dispatcher: the c10d ops that DDP's reducer,
-FSDP2 and ZeroRedundancyOptimizer issue, and the functional collectives of DTensor (tensor and
+FSDP2 and plait's ZeRO-1 (`zero1.py`) issue, and the functional collectives of DTensor (tensor and
 sequence parallelism). For each we record the payload and the bytes a rank sends on a ring, the
 convention of PAPERS.md: for a payload of M bytes over n ranks, all-reduce 2(n-1)/n M, all-gather
 (M = the gathered output) and reduce-scatter (M = the unreduced input) (n-1)/n M, all-to-all

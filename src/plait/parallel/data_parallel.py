@@ -2,7 +2,9 @@
 
 Each rank holds the whole model and a disjoint slice of the global batch; DDP all-reduces
 (averages) the gradients in buckets, overlapped with the backward pass. With gradient
-accumulation the all-reduce runs on the last micro-batch only (`no_sync` on the others)."""
+accumulation the all-reduce runs on the last micro-batch only (`no_sync` on the others).
+DDP takes no DTensor parameters: with tensor parallelism, data parallelism is `zero1.py`'s
+optimizer with a shard group of one rank (one bucketed all-reduce after backward)."""
 
 from __future__ import annotations
 

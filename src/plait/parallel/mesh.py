@@ -29,14 +29,6 @@ class Layout:
         assert self.mesh is not None, "no mesh in a single-process run"
         return self.mesh[axes if len(axes) > 1 else axes[0]]
 
-    def dp_group(self):
-        """The process group of all data-parallel ranks (replicate x shard) of this TP position."""
-        assert self.mesh is not None
-        if self.degrees.tp == 1:
-            return None  # the default group: every rank is a data-parallel rank
-        # One group over both data-parallel axes; DeviceMesh can flatten sub-meshes into one.
-        return self.mesh[("dp_replicate", "dp_shard")]._flatten("dp").get_group()
-
     def dp_rank(self) -> int:
         """This rank's position among the data-parallel ranks (ranks of one TP group share it)."""
         if self.mesh is None:

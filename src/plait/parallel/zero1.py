@@ -1,28 +1,306 @@
-"""ZeRO-1: optimizer state sharded over the shard axis, gradients all-reduced in full.
+"""ZeRO-1: each data-parallel rank keeps the AdamW state of 1/N of the parameters.
 
-PyTorch's `ZeroRedundancyOptimizer` does exactly this next to DDP: every rank keeps full
-parameters and gets full averaged gradients from DDP, steps only its partition of the parameters
-(so it holds only that partition's Adam moments), then broadcasts the updated partition. We use
-it rather than FSDP2, which has no stage that shards optimizer state but not gradients. With
-replicas (dp_replicate > 1), each replica group shards over its own shard axis.
+After the step's backward, `Zero1AdamW` flattens this rank's gradients (for a tensor-parallel
+DTensor, its local shard) into one bucket and reduce-scatters it over the `dp_shard` axis, so each
+rank holds the average of its 1/N slice; with replicas (`dp_replicate > 1`) it all-reduces that
+slice over `dp_replicate` as well. It then runs PyTorch's AdamW on the slice only (the fp32 Adam
+moments exist for 1/N of the parameters: the memory ZeRO-1 saves) and all-gathers the updated
+slices into every rank's parameters. That is 2 (n-1)/n of the parameter bytes per rank and step,
+a reduce-scatter plus an all-gather: the volume of one gradient all-reduce (PAPERS.md, ZeRO).
+
+Why by hand: FSDP2 has no stage that shards the optimizer state alone, and PyTorch's
+ZeroRedundancyOptimizer works next to DDP, which takes no DTensor parameters and costs twice
+these bytes (a full gradient all-reduce, then every partition broadcast). Working on local
+tensors gives one code path for plain and tensor-parallel parameters: AdamW is elementwise, so
+a slice of local shards steps like any other tensor.
+
+With a shard axis of one rank the same optimizer is plain data parallelism for tensor-parallel
+models (`zero_stage = 0`, `tp_degree > 1`, where DDP refuses DTensors): one bucketed all-reduce
+after the last micro-batch, then AdamW on the whole bucket.
+
+Nothing is sent while micro-batches accumulate: gradients add up locally in `.grad`, and the
+bucket is reduced once, by `clip_grad_norm_` or by `step`, whichever comes first in the step.
+After that the parameters' `.grad` are None: the averaged gradients exist only as this rank's
+slice, inside the optimizer.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed import ProcessGroup
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from plait.config import OptimSection
 from plait.optim.adamw import param_groups
 
+# PyTorch 2.13 renamed the flat-tensor collectives (the old names warn); older versions have only those.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-def build_zero1_optimizer(model: nn.Module, cfg: OptimSection, shard_mesh: DeviceMesh) -> ZeroRedundancyOptimizer:
-    groups = param_groups(model, cfg)
-    zero = ZeroRedundancyOptimizer(
-        groups[0]["params"], optimizer_class=torch.optim.AdamW, process_group=shard_mesh.get_group(),
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=groups[0]["weight_decay"],
-    )
-    zero.add_param_group(groups[1])
-    return zero
+# Hyperparameters the loop or a checkpoint may change on the outer groups; copied to the inner
+# AdamW before every step.
+_HYPER = ("lr", "betas", "eps", "weight_decay")
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (call under no_grad: then it is the stored tensor itself)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _tp_sharded(p: torch.Tensor) -> bool:
+    """Whether tensor-parallel ranks hold different elements of `p` (else they hold copies)."""
+    return isinstance(p, DTensor) and any(placement.is_shard() for placement in p.placements)
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One parameter's local tensor in the flat bucket: elements [start, start + numel).
+    `index` is its position in the groups' order (names in checkpoints follow it)."""
+
+    index: int
+    param: nn.Parameter
+    start: int
+    numel: int
+    tp_sharded: bool
+
+
+def _size(group: ProcessGroup | None) -> int:
+    return dist.get_world_size(group) if group is not None else 1
+
+
+class Zero1AdamW(torch.optim.Optimizer):
+    """AdamW over the data-parallel ranks, with its state sharded over `shard_group`.
+
+    The interface is torch's: the loop sets `param_groups[i]["lr"]`, calls `step()` and
+    `zero_grad(set_to_none=True)`; `clip_grad_norm_(max_norm)` clips by the global norm. The
+    groups' parameters are the model's own (plain tensors or DTensors, one dtype); every rank
+    must pass them in the same order. `replicate_group` joins ranks that hold the same slice,
+    `tp_group` ranks that hold different tensor-parallel shards of one parameter.
+    """
+
+    def __init__(
+        self,
+        groups: list[dict[str, Any]],
+        cfg: OptimSection,
+        shard_group: ProcessGroup | None,
+        replicate_group: ProcessGroup | None = None,
+        tp_group: ProcessGroup | None = None,
+    ) -> None:
+        super().__init__(groups, {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "weight_decay": 0.0})
+        self._shard_group, self._replicate_group, self._tp_group = shard_group, replicate_group, tp_group
+        shards = _size(shard_group)
+        # Each gradient enters the sum once per data-parallel rank: dividing first gives the mean.
+        self._dp_degree = shards * _size(replicate_group)
+
+        self._pieces: list[_Piece] = []
+        bounds = []  # each group's [start, end) in the bucket: groups differ in weight decay
+        offset = 0
+        with torch.no_grad():
+            for group in self.param_groups:
+                start = offset
+                for p in group["params"]:
+                    numel = _local(p).numel()
+                    self._pieces.append(_Piece(len(self._pieces), p, offset, numel, _tp_sharded(p)))
+                    offset += numel
+                bounds.append((start, offset))
+        first = self._pieces[0].param
+        dtypes = {piece.param.dtype for piece in self._pieces}
+        assert len(dtypes) == 1, f"one flat bucket needs one dtype, got {dtypes}"
+        # The bucket is padded to a multiple of the shard count; the padding is never stepped.
+        self._slice_numel = -(-offset // shards)
+        self._lo = (dist.get_rank(shard_group) if shards > 1 else 0) * self._slice_numel
+        hi = self._lo + self._slice_numel
+        # (piece, start, end): the part of a parameter inside this rank's slice, bucket offsets.
+        self._overlaps = [
+            (piece, max(piece.start, self._lo), min(piece.start + piece.numel, hi))
+            for piece in self._pieces
+            if piece.start < hi and piece.start + piece.numel > self._lo
+        ]
+        # This rank's slice of the parameter values, refreshed from the model before each step;
+        # the inner AdamW steps views of it, one per group, so it holds state for the slice only.
+        self._param_slice = torch.zeros(self._slice_numel, dtype=first.dtype, device=_local(first).device)
+        # Per group: its part of the slice, as (start, end) in the slice and the view the inner
+        # AdamW steps (None where the slice holds nothing of that group).
+        self._views: list[tuple[int, int, torch.Tensor] | None] = []
+        inner_groups = []
+        for group, (start, end) in zip(self.param_groups, bounds):
+            a, b = max(start, self._lo) - self._lo, min(end, hi) - self._lo
+            view = (a, b, self._param_slice[a:b]) if a < b else None
+            self._views.append(view)
+            inner_groups.append({"params": [view[2]] if view is not None else [], **{k: group[k] for k in _HYPER}})
+        # foreach: one kernel per group, as the unsharded optimizer (plait.optim.adamw).
+        self._inner = torch.optim.AdamW(inner_groups, foreach=True)
+        self._grad_slice: torch.Tensor | None = None  # this step's averaged gradients, once reduced
+        self._steps = 0
+
+    @torch.no_grad()
+    def _reduce_gradients(self) -> torch.Tensor:
+        """This rank's slice of the gradients averaged over all data-parallel ranks (once per step)."""
+        if self._grad_slice is not None:
+            return self._grad_slice
+        first = self._pieces[0].param
+        bucket = torch.zeros(self._slice_numel * _size(self._shard_group), dtype=first.dtype, device=self._param_slice.device)
+        for piece in self._pieces:
+            if piece.param.grad is not None:  # an unused parameter contributes zeros
+                bucket[piece.start : piece.start + piece.numel].copy_(_local(piece.param.grad).reshape(-1))
+                # The bucket now holds it, and this rank's unaveraged gradient is not the step's:
+                # free it (the bucket takes the gradients' place instead of adding to them).
+                piece.param.grad = None
+        bucket.div_(self._dp_degree)
+        if _size(self._shard_group) > 1:
+            grad_slice = torch.empty_like(self._param_slice)
+            _reduce_scatter_flat(grad_slice, bucket, group=self._shard_group)
+        else:
+            grad_slice = bucket
+        if _size(self._replicate_group) > 1:
+            dist.all_reduce(grad_slice, group=self._replicate_group)
+        self._grad_slice = grad_slice
+        return grad_slice
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale the averaged gradients so their global 2-norm is at most `max_norm`; return the
+        norm before clipping (the same on every rank). Reduces the gradients first."""
+        grad_slice = self._reduce_gradients()
+        squares = {True: grad_slice.new_zeros(()), False: grad_slice.new_zeros(())}
+        for piece, a, b in self._overlaps:
+            squares[piece.tp_sharded] += grad_slice[a - self._lo : b - self._lo].square().sum()
+        sharded, total = squares[True], squares[False]
+        # Tensor-parallel shards are different elements on each tp rank; replicated parameters
+        # are copies there and count once. Shard ranks hold different slices; replicas the same.
+        if _size(self._tp_group) > 1:
+            dist.all_reduce(sharded, group=self._tp_group)
+        total += sharded
+        if _size(self._shard_group) > 1:
+            dist.all_reduce(total, group=self._shard_group)
+        norm = total.sqrt()
+        # The same coefficient as torch.nn.utils.clip_grad_norm_.
+        grad_slice.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        return norm
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        assert closure is None, "Zero1AdamW takes no closure"
+        grad_slice = self._reduce_gradients()
+        for piece, a, b in self._overlaps:  # the model's values: a checkpoint may have replaced them
+            self._param_slice[a - self._lo : b - self._lo].copy_(_local(piece.param).reshape(-1)[a - piece.start : b - piece.start])
+        for group, inner, view in zip(self.param_groups, self._inner.param_groups, self._views):
+            inner.update({k: group[k] for k in _HYPER})
+            if view is not None:
+                a, b, tensor = view
+                tensor.grad = grad_slice[a:b]
+        self._inner.step()
+        self._steps += 1
+        self._write_back(self._all_gather(self._param_slice))
+
+    def _all_gather(self, slice_: torch.Tensor) -> torch.Tensor:
+        """Every rank's slice, concatenated: the whole (padded) bucket."""
+        shards = _size(self._shard_group)
+        if shards == 1:
+            return slice_
+        full = slice_.new_empty(self._slice_numel * shards)
+        _all_gather_flat(full, slice_.contiguous(), group=self._shard_group)
+        return full
+
+    def _write_back(self, bucket: torch.Tensor) -> None:
+        for piece in self._pieces:
+            local = _local(piece.param)
+            local.copy_(bucket[piece.start : piece.start + piece.numel].view(local.shape))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self._inner.zero_grad(set_to_none=True)
+        self._grad_slice = None
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError("Zero1AdamW state is per rank; use plait.checkpoint.state.gather_optimizer")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        raise NotImplementedError("Zero1AdamW state is per rank; use plait.checkpoint.state.scatter_optimizer")
+
+    # --- layout-free checkpoints: whole tensors keyed "<param>::<key>", as torch's AdamW ---
+
+    @torch.no_grad()
+    def gather_full_state(self, names: list[str], keep: bool) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+        """Whole Adam moments per parameter name ("<name>::exp_avg", ...) and the groups'
+        hyperparameters with their parameters' names, on the CPU where `keep`, else empty.
+        A collective: every rank of the job calls it. `names` follow the groups' order."""
+        groups = [
+            {**{k: v for k, v in inner.items() if k != "params"}, **{k: group[k] for k in _HYPER},
+             "params": [names[i] for i in self._group_indices(g)]}
+            for g, (group, inner) in enumerate(zip(self.param_groups, self._inner.param_groups))
+        ]
+        if self._steps == 0:  # no state yet, as a fresh torch optimizer
+            return {}, groups if keep else []
+        tensors: dict[str, torch.Tensor] = {}
+        for key in _MOMENTS:
+            slice_ = torch.zeros_like(self._param_slice)
+            for view in self._views:
+                if view is not None:
+                    a, b, tensor = view
+                    slice_[a:b] = self._inner.state[tensor][key]
+            bucket = self._all_gather(slice_)
+            for piece in self._pieces:
+                p = piece.param
+                local = bucket[piece.start : piece.start + piece.numel].view(_local(p).shape)
+                if isinstance(p, DTensor):  # a collective over the tp ranks
+                    local = DTensor.from_local(
+                        local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+                    ).full_tensor()
+                if keep:
+                    tensors[f"{names[piece.index]}::{key}"] = local.cpu().clone()
+        if keep:
+            step = torch.tensor(float(self._steps), dtype=torch.float32)  # torch's AdamW keeps a float32 step
+            for name in names:
+                tensors[f"{name}::step"] = step.clone()
+        return tensors, groups if keep else []
+
+    @torch.no_grad()
+    def load_full_state(self, per_param: dict[str, dict[str, torch.Tensor]], groups: list[dict[str, Any]], names: list[str]) -> None:
+        """Take this rank's slice of whole per-parameter state (as `gather_full_state` writes it,
+        or torch's AdamW under any layout). Every rank passes the same whole tensors; no
+        communication. Raises ValueError naming a parameter the state lacks."""
+        for group, saved in zip(self.param_groups, groups):
+            group.update({k: tuple(saved[k]) if k == "betas" else saved[k] for k in _HYPER if k in saved})
+        if not per_param:
+            return
+        missing = [n for n in names if n not in per_param or any(k not in per_param[n] for k in (*_MOMENTS, "step"))]
+        if missing:
+            raise ValueError(f"optimizer state lacks {missing[:3]} (of {len(missing)} parameters)")
+        slices = {key: torch.zeros_like(self._param_slice) for key in _MOMENTS}
+        for piece, a, b in self._overlaps:
+            p, state = piece.param, per_param[names[piece.index]]
+            for key in _MOMENTS:
+                full = state[key].to(device=self._param_slice.device, dtype=self._param_slice.dtype)
+                if isinstance(p, DTensor):  # this rank's shard of the whole tensor, cut locally
+                    full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                slices[key][a - self._lo : b - self._lo] = full.reshape(-1)[a - piece.start : b - piece.start]
+        steps = int(per_param[names[0]]["step"].item())
+        self._inner.state.clear()
+        for view in self._views:
+            if view is not None:
+                a, b, tensor = view
+                self._inner.state[tensor] = {
+                    "step": torch.tensor(float(steps), dtype=torch.float32),
+                    **{key: slices[key][a:b].clone() for key in _MOMENTS},
+                }
+        self._steps = steps
+
+    def _group_indices(self, g: int) -> range:
+        before = sum(len(group["params"]) for group in self.param_groups[:g])
+        return range(before, before + len(self.param_groups[g]["params"]))
+
+
+def build_zero1_optimizer(
+    model: nn.Module, cfg: OptimSection, shard_group: ProcessGroup | None,
+    replicate_group: ProcessGroup | None, tp_group: ProcessGroup | None,
+) -> Zero1AdamW:
+    """ZeRO-1 AdamW (decayed matrices, undecayed vectors: plait.optim.adamw) over the given
+    groups; a `shard_group` of one rank (or None) is plain data parallelism."""
+    return Zero1AdamW(param_groups(model, cfg), cfg, shard_group, replicate_group, tp_group)

@@ -25,9 +25,9 @@ from plait.data import TrainLoader, build_data, iter_eval_batches, save_tokenize
 from plait.hardware import peak_flops
 from plait.model import Transformer, build_model, generate, materialize
 from plait.optim import lr_at
-from plait.parallel.apply import apply_layout, build_layout_optimizer
+from plait.parallel.apply import apply_layout, build_grad_clipper, build_layout_optimizer
 from plait.parallel.mesh import build_layout
-from plait.parallel.tensor_parallel import clip_grad_norm_mixed, loss_parallel_context, tp_cross_entropy
+from plait.parallel.tensor_parallel import loss_parallel_context, tp_cross_entropy
 from plait.parallel.data_parallel import gradient_sync
 from plait.parallel.distributed import DistInfo, barrier, init_distributed, launched_world_size, mean_across_ranks, shutdown
 from plait.trainer.metrics import MetricsLogger
@@ -166,8 +166,9 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
             save_checkpoint(run_dir, at_step, model_tensors, optim_tensors, optim_groups, state, cfg.checkpoint.keep_last)
         barrier(dist_info)
 
-    # torch's clipping cannot mix plain and DTensor gradients, as tensor parallelism does.
-    clip_grad_norm = clip_grad_norm_mixed if tp else nn.utils.clip_grad_norm_
+    # The layout's clipping (apply.py): torch's cannot mix plain and DTensor gradients, as tensor
+    # parallelism does, and ZeRO-1 holds the averaged gradients in its optimizer.
+    clip_grad_norm = build_grad_clipper(model, optimizer, tp)
     loss_sum = torch.zeros((), device=device)  # summed on device; read only when logging
     logged_steps, last_loss, val_loss = 0, None, None
     window_start, window_tokens = time.perf_counter(), 0
@@ -184,7 +185,7 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
                 loss = lm_loss(model, micro, autocast) / derived.accumulation_steps
                 loss.backward()
             loss_sum += loss.detach()
-        grad_norm = clip_grad_norm(model.parameters(), o.grad_clip) if o.grad_clip > 0 else None
+        grad_norm = clip_grad_norm(o.grad_clip) if o.grad_clip > 0 else None
         if isinstance(grad_norm, DTensor):  # sharded gradients: the norm is a DTensor too
             grad_norm = grad_norm.full_tensor()
         optimizer.step()
