@@ -57,7 +57,7 @@ def worker(overrides: list[str]) -> None:
     import torch
     import torch.distributed as dist
 
-    from plait.config import build_config, resolve_degrees, resolve_model_args
+    from plait.config import build_config, resolve_degrees, resolve_model_args, with_resolved_zero_stage
     from plait.model import build_model, count_params, materialize
     from plait.parallel.apply import apply_layout, build_layout_optimizer
     from plait.parallel.comm_counter import CommCounter
@@ -68,6 +68,7 @@ def worker(overrides: list[str]) -> None:
     world = dist.get_world_size()
     cfg = build_config(None, ["--model.name=debug", f"--train.seq_len={SEQ_LEN}",
                               f"--train.global_batch_tokens={SEQ_LEN * BATCH}", *overrides], world_size=world)
+    cfg = with_resolved_zero_stage(cfg, world)
     layout = build_layout(resolve_degrees(cfg.parallel, world), torch.device("cpu"))
     args = resolve_model_args(cfg.model, 256)
     model = apply_layout(materialize(build_model(args), "cpu", 0), cfg.train, cfg.parallel, layout)

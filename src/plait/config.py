@@ -148,7 +148,8 @@ class ParallelSection:
     dp_shard_degree: int = 1
     # 0: plain data parallel (DDP, no sharding). Over the shard axis: 1 shards optimizer state,
     # 2 also gradients (FSDP2 without resharding after forward), 3 also parameters (FSDP2).
-    zero_stage: int = 0
+    # -1 (auto): 3 when dp_shard_degree is > 1 (or -1), else 0, so a shard degree alone runs FSDP.
+    zero_stage: int = -1
     tp_degree: int = 1
     # Megatron sequence parallelism in the norm regions (needs tp_degree > 1).
     sequence_parallel: bool = False
@@ -358,6 +359,8 @@ from plait.config_checks import (  # noqa: E402, F401
     micro_batch_size,
     resolve_degrees,
     resolve_model_args,
+    resolve_zero_stage,
     validate,
     validate_layout,
+    with_resolved_zero_stage,
 )

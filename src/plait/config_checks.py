@@ -6,6 +6,7 @@ Split from `plait.config` (the tree and its parsing) to keep both readable; impo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -136,24 +137,27 @@ def validate_layout(cfg: Config, world_size: int | None) -> None:
             f"parallel.{key} = {value}: pipeline, context and expert parallelism are not in this version "
             f"of plait; set parallel.{key} = 1",
         )
-    _require(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage = {p.zero_stage} must be 0, 1, 2 or 3")
+    _require(p.zero_stage in (-1, 0, 1, 2, 3), f"parallel.zero_stage = {p.zero_stage} must be -1 (auto), 0, 1, 2 or 3")
     degrees = resolve_degrees(p, world_size or 1) if world_size else None
     shard = degrees.dp_shard if degrees else p.dp_shard_degree
-    if p.zero_stage and shard == 1:
+    stage = _zero_stage_for(p.zero_stage, shard)
+    said = f"{p.zero_stage}" if p.zero_stage != -1 else f"-1 (auto: {stage})"
+    if stage and shard == 1:
         raise ConfigError(
             f"parallel.zero_stage = {p.zero_stage} shards over the data-parallel shard axis, but "
             f"parallel.dp_shard_degree = 1; set parallel.dp_shard_degree > 1 (or -1), or parallel.zero_stage = 0"
         )
-    if not p.zero_stage and shard != 1:
+    if not stage and shard != 1:
         raise ConfigError(
             f"parallel.dp_shard_degree = {p.dp_shard_degree} needs a ZeRO stage to say what is sharded; "
-            f"set parallel.zero_stage = 1, 2 or 3 (3 = FSDP), or use parallel.dp_replicate_degree for plain replicas"
+            f"set parallel.zero_stage = 1, 2 or 3 (3 = FSDP), or -1 (auto, the default: 3), or use "
+            f"parallel.dp_replicate_degree for plain replicas"
         )
-    _require(not p.mixed_precision or p.zero_stage >= 2,
-             "parallel.mixed_precision = true applies to sharded parameters: it needs parallel.zero_stage = 2 or 3; "
-             "for unsharded layouts use train.dtype = \"bf16\"")
-    _require(not p.cpu_offload or p.zero_stage == 3,
-             f"parallel.cpu_offload = true needs parallel.zero_stage = 3, not {p.zero_stage}")
+    _require(not p.mixed_precision or stage >= 2,
+             f"parallel.mixed_precision = true applies to sharded parameters: it needs parallel.zero_stage = 2 or 3 "
+             f"(with parallel.dp_shard_degree > 1), not {said}; for unsharded layouts use train.dtype = \"bf16\"")
+    _require(not p.cpu_offload or stage == 3,
+             f"parallel.cpu_offload = true needs parallel.zero_stage = 3 (with parallel.dp_shard_degree > 1), not {said}")
     _require(not p.sequence_parallel or p.tp_degree != 1,
              "parallel.sequence_parallel = true needs parallel.tp_degree > 1 (it shards the tensor-parallel norm regions)")
     _require(
@@ -189,6 +193,26 @@ def validate_layout(cfg: Config, world_size: int | None) -> None:
             f"train.micro_batch_size = {options[-1]} or train.global_batch_tokens = "
             f"{math.ceil(per_rank / micro) * micro * dp * t.seq_len}"
         )
+
+
+def _zero_stage_for(zero_stage: int, shard: int) -> int:
+    """-1 ("auto") is FSDP (3) over a shard axis (> 1, or -1 before the world is known), else 0."""
+    if zero_stage != -1:
+        return zero_stage
+    return 3 if shard > 1 or shard == -1 else 0
+
+
+def resolve_zero_stage(p: ParallelSection, world_size: int | None = None) -> int:
+    """parallel.zero_stage with -1 ("auto") decided for a job of `world_size` workers."""
+    shard = resolve_degrees(p, world_size).dp_shard if world_size else p.dp_shard_degree
+    return _zero_stage_for(p.zero_stage, shard)
+
+
+def with_resolved_zero_stage(cfg: Config, world_size: int) -> Config:
+    """A copy of `cfg` whose parallel.zero_stage is the stage that runs (never -1), so the layout
+    code, the printout and the saved config.toml all see the same number."""
+    parallel = dataclasses.replace(cfg.parallel, zero_stage=resolve_zero_stage(cfg.parallel, world_size))
+    return dataclasses.replace(cfg, parallel=parallel)
 
 
 def micro_batch_size(t: "TrainSection", dp: int) -> int:

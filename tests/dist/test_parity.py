@@ -39,7 +39,8 @@ LAYOUTS = {
     "hsdp-2x2": (4, ["--parallel.dp_replicate_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=3"]),
     "tp2": (2, ["--parallel.tp_degree=2"]),
     "tp2-sp": (2, ["--parallel.tp_degree=2", "--parallel.sequence_parallel=true"]),
-    "fsdp2-tp2": (4, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=3", "--parallel.tp_degree=2"]),
+    # No zero_stage: the default (-1, auto) is FSDP over a shard axis.
+    "fsdp2-tp2": (4, ["--parallel.dp_shard_degree=2", "--parallel.tp_degree=2"]),
     "zero1-x2-tp2": (4, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=1", "--parallel.tp_degree=2"]),
     "ddp2-tp2": (4, ["--parallel.dp_replicate_degree=2", "--parallel.tp_degree=2"]),
     "fsdp2-tp2-activation-checkpointing": (4, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=3",

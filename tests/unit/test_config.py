@@ -47,8 +47,9 @@ def test_overrides_both_forms_and_types():
         ("--data.val_fraction=0.9", "data.val_fraction = 0.9 must be in [0, 0.5)"),
         ("--parallel.pp_degree=2", "parallel.pp_degree = 2: pipeline, context and expert parallelism are not"),
         ("--parallel.zero_stage=3", "parallel.zero_stage = 3 shards over the data-parallel shard axis, but parallel.dp_shard_degree = 1"),
-        ("--parallel.dp_shard_degree=2", "parallel.dp_shard_degree = 2 needs a ZeRO stage"),
-        ("--parallel.zero_stage=5", "parallel.zero_stage = 5 must be 0, 1, 2 or 3"),
+        ("--parallel.dp_shard_degree=2 --parallel.zero_stage=0", "parallel.dp_shard_degree = 2 needs a ZeRO stage"),
+        ("--parallel.zero_stage=5", "parallel.zero_stage = 5 must be -1 (auto), 0, 1, 2 or 3"),
+        ("--parallel.mixed_precision=true", "needs parallel.zero_stage = 2 or 3 (with parallel.dp_shard_degree > 1), not -1 (auto: 0)"),
         ("--parallel.sequence_parallel=true", "parallel.sequence_parallel = true needs parallel.tp_degree > 1"),
         ("--parallel.tp_degree=3", "model.heads = 4 is not divisible by parallel.tp_degree = 3"),
         ("--parallel.tp_degree=4", "model.kv_heads = 2 is smaller than parallel.tp_degree = 4"),
@@ -142,5 +143,24 @@ def test_layout_against_world_size():
 
 def test_tensor_parallel_composes_with_every_data_parallel_stage():
     for layout in (["--parallel.dp_replicate_degree=2"], ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=1"],
-                   ["--parallel.dp_shard_degree=-1", "--parallel.zero_stage=2"]):
+                   ["--parallel.dp_shard_degree=-1", "--parallel.zero_stage=2"], ["--parallel.dp_shard_degree=2"]):
         build_config(None, ["--parallel.tp_degree=2", *layout], world_size=4)
+
+
+def test_zero_stage_auto():
+    from plait.config import resolve_zero_stage, with_resolved_zero_stage
+
+    def stage(overrides: list[str], world: int | None) -> int:
+        return resolve_zero_stage(build_config(None, overrides, world_size=world).parallel, world)
+
+    assert Config().parallel.zero_stage == -1
+    assert stage([], 1) == 0
+    assert stage(["--parallel.dp_replicate_degree=2"], 2) == 0
+    # `--parallel.dp_shard_degree=2 --parallel.tp_degree=2` with no stage runs FSDP x TP.
+    assert stage(["--parallel.dp_shard_degree=2", "--parallel.tp_degree=2"], 4) == 3
+    assert stage(["--parallel.dp_shard_degree=-1"], 4) == 3
+    assert stage(["--parallel.dp_shard_degree=-1"], None) == 3  # before the world is known
+    assert stage(["--parallel.dp_shard_degree=-1", "--parallel.tp_degree=2"], 2) == 0  # the fill leaves 1
+    assert stage(["--parallel.dp_shard_degree=2", "--parallel.zero_stage=1"], 2) == 1  # explicit wins
+    cfg = build_config(None, ["--parallel.dp_shard_degree=2", "--parallel.tp_degree=2"], world_size=4)
+    assert with_resolved_zero_stage(cfg, 4).parallel.zero_stage == 3 and cfg.parallel.zero_stage == -1

@@ -43,6 +43,7 @@ def apply_layout(model: nn.Module, train: TrainSection, parallel: ParallelSectio
             block.compile()
     if degrees is None or degrees.dp == 1:
         return model
+    assert parallel.zero_stage in (0, 1, 2, 3), f"resolve zero_stage {parallel.zero_stage} first (config.with_resolved_zero_stage)"
     if parallel.zero_stage >= 2:
         from plait.parallel.fully_shard import apply_fully_shard
 

@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 from plait._version import __version__
 from plait.checkpoint import latest_checkpoint, save_checkpoint
 from plait.checkpoint.state import gather_model, gather_optimizer, restore_checkpoint
-from plait.config import Config, ConfigError, resolve_degrees, resolve_model_args, validate
+from plait.config import Config, ConfigError, resolve_degrees, resolve_model_args, validate, with_resolved_zero_stage
 from plait.data import TrainLoader, build_data, iter_eval_batches, save_tokenizer
 from plait.hardware import peak_flops
 from plait.model import Transformer, build_model, generate, materialize
@@ -78,6 +78,7 @@ def train(cfg: Config) -> TrainResult:
     """Train (or resume) the run described by `cfg`; returns the final numbers and the model.
     Run by every worker of a multi-process job; only rank 0 prints and writes shared files."""
     validate(cfg, launched_world_size())
+    cfg = with_resolved_zero_stage(cfg, launched_world_size())  # "auto" (-1) becomes 0 or 3
     dist_info = init_distributed(pick_device(cfg.train.device))
     try:
         return _train(cfg, dist_info)
