@@ -3,16 +3,17 @@
 Each layout runs as a torchrun job of this script (`--worker`): the `debug` model (fp32) goes
 through plait's own `apply_layout` and optimizer, takes one warm-up step, then one step (forward,
 backward, optimizer) under `plait.parallel.comm_counter.CommCounter`, and rank 0 reports. The
-formulas (PAPERS.md; Psi = parameters, 4 bytes each in fp32; n = ranks in the group; B s h = one
-rank's activations of one layer, 4 bytes each):
-  DDP, ZeRO-2:  2 (n-1)/n 4Psi            (one all-reduce, or reduce-scatter + all-gather)
+formulas (PAPERS.md; Psi = a rank's parameters (its tensor-parallel shards), 4 bytes each in
+fp32; n = data-parallel ranks, t = tensor-parallel ranks; B s h = one rank's activations of one
+layer, 4 bytes each):
+  DDP, ZeRO-1, ZeRO-2:  2 (n-1)/n 4Psi      (one all-reduce, or reduce-scatter + all-gather;
+                                          ZeRO-1 and DDP with TP are plait's zero1.py)
   ZeRO-3:       3 (n-1)/n 4Psi            (all-gather in forward and again in backward + reduce-scatter)
-  ZeRO-1:       2 (n-1)/n 4Psi + 4Psi      (PyTorch's ZeroRedundancyOptimizer: a full gradient
-                                          all-reduce, then each partition broadcast by its owner)
-  TP, TP+SP:    (4 L + 2) 2 (n-1)/n B s h 4  (2 all-reduces per layer forward and 2 backward, plus
+  TP, TP+SP:    (4 L + 2) 2 (t-1)/t B s h 4  (2 all-reduces per layer forward and 2 backward, plus
                                           the vocabulary-parallel embedding forward and the output
                                           head's input gradient; SP turns each into an equal-volume
                                           reduce-scatter/all-gather pair)
+  DP x TP:      the sum of the two
 Prints a table and writes JSON (default bench/out/comm_volume.json).
 
     python bench/comm_volume.py [--out FILE]
@@ -38,19 +39,31 @@ LAYOUTS = {
     "zero3 x4": (4, ["--parallel.dp_shard_degree=4", "--parallel.zero_stage=3"]),
     "tp x2": (2, ["--parallel.tp_degree=2"]),
     "tp x2 + sp": (2, ["--parallel.tp_degree=2", "--parallel.sequence_parallel=true"]),
+    "ddp x2 + tp x2": (4, ["--parallel.dp_replicate_degree=2", "--parallel.tp_degree=2"]),
+    "zero1 x2 + tp x2": (4, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=1", "--parallel.tp_degree=2"]),
 }
 
 
-def formula(name: str, n: int, params: int, layers: int, hidden: int) -> float:
-    psi = 4.0 * params
-    if name.startswith(("ddp", "zero2")):
-        return 2 * (n - 1) / n * psi
-    if name.startswith("zero3"):
-        return 3 * (n - 1) / n * psi
-    if name.startswith("zero1"):
-        return 2 * (n - 1) / n * psi + psi
-    activations = BATCH * SEQ_LEN * hidden * 4.0  # TP ranks all see the whole batch
-    return (4 * layers + 2) * 2 * (n - 1) / n * activations
+def formula(name: str, r: dict) -> float:
+    """Bytes per rank per step for the layout `name` from the worker's result `r`."""
+    n, t = r["dp"], r["tp"]
+    psi = 4.0 * r["local_params"]
+    data = (3 if name.startswith("zero3") else 2) * (n - 1) / n * psi
+    activations = BATCH // n * SEQ_LEN * r["hidden"] * 4.0  # a TP group shares its data rank's batch
+    tensor = (4 * r["layers"] + 2) * 2 * (t - 1) / t * activations
+    return data + tensor
+
+
+def tp_local_numel(p) -> int:  # noqa: ANN001
+    """Elements of `p` on one rank of its tensor-parallel group (FSDP's sharding left out: the
+    data-parallel formulas count whole parameters)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(p, DTensor):
+        return p.numel()
+    names = p.device_mesh.mesh_dim_names or ()
+    shards = [p.device_mesh.size(i) for i, (name, pl) in enumerate(zip(names, p.placements)) if name == "tp" and pl.is_shard()]
+    return p.numel() // (shards[0] if shards else 1)
 
 
 def worker(overrides: list[str]) -> None:
@@ -89,7 +102,9 @@ def worker(overrides: list[str]) -> None:
     with CommCounter() as counter:
         step()
     if dist.get_rank() == 0:
-        print("RESULT " + json.dumps({**counter.summary(), "params": count_params(args).total,
+        local = sum(tp_local_numel(p) for p in model.parameters())
+        print("RESULT " + json.dumps({**counter.summary(), "params": count_params(args).total, "local_params": local,
+                                      "dp": layout.degrees.dp, "tp": layout.degrees.tp,
                                       "layers": args.layers, "hidden": args.hidden}), flush=True)
     dist.barrier()
     dist.destroy_process_group()
@@ -105,7 +120,7 @@ def main() -> int:
         worker(a.worker)
         return 0
     rows = []
-    print(f"{'layout':<14}{'ranks':>6}{'measured B/rank':>17}{'formula B/rank':>16}{'ratio':>8}  by kind (calls)")
+    print(f"{'layout':<18}{'ranks':>6}{'measured B/rank':>17}{'formula B/rank':>16}{'ratio':>8}  by kind (calls)")
     for name, (n, overrides) in LAYOUTS.items():
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
                __file__, "--worker", *overrides]
@@ -115,11 +130,10 @@ def main() -> int:
             print(f"{name}: failed\n{out.stderr[-2000:]}")
             return 1
         result = json.loads(lines[0][len("RESULT "):])
-        group = n  # every layout here uses all ranks on its one parallel axis
-        expected = formula(name, group, result["params"], result["layers"], result["hidden"])
+        expected = formula(name, result)
         measured = result["wire_bytes"]
         kinds = ", ".join(f"{k} {v['calls']}" for k, v in result["by_kind"].items())
-        print(f"{name:<14}{n:>6}{measured:>17,.0f}{expected:>16,.0f}{measured / expected:>8.3f}  {kinds}")
+        print(f"{name:<18}{n:>6}{measured:>17,.0f}{expected:>16,.0f}{measured / expected:>8.3f}  {kinds}")
         rows.append({"layout": name, "ranks": n, "measured_wire_bytes": measured, "formula_wire_bytes": expected,
                      "ratio": measured / expected, **result})
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

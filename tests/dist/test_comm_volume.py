@@ -26,15 +26,17 @@ def counted(nproc: int, overrides: list[str]) -> dict:
 
 
 @pytest.mark.parametrize(
-    "overrides, factor",
-    [(["--parallel.dp_shard_degree=2", "--parallel.zero_stage=2"], 2.0),  # reduce-scatter + all-gather
-     (["--parallel.dp_shard_degree=2", "--parallel.zero_stage=3"], 3.0)],  # + all-gather again in backward
+    "overrides, factor, units",
+    # ZeRO-1: one reduce-scatter of the gradient bucket + one all-gather of the updated slices
+    [(["--parallel.dp_shard_degree=2", "--parallel.zero_stage=1"], 2.0, 1),
+     (["--parallel.dp_shard_degree=2", "--parallel.zero_stage=2"], 2.0, 3),  # reduce-scatter + all-gather
+     (["--parallel.dp_shard_degree=2", "--parallel.zero_stage=3"], 3.0, 3)],  # + all-gather again in backward
 )
-def test_zero_bytes_match_formula(overrides, factor):
+def test_zero_bytes_match_formula(overrides, factor, units):
     r = counted(2, overrides)
     expected = factor * (2 - 1) / 2 * 4 * r["params"]
     assert r["wire_bytes"] == pytest.approx(expected, rel=1e-9)
-    assert r["by_kind"]["reduce_scatter"]["calls"] == 3  # one per FSDP unit: 2 blocks + root
+    assert r["by_kind"]["reduce_scatter"]["calls"] == units  # FSDP: one per unit (2 blocks + root); ZeRO-1: one bucket
 
 
 def test_ddp_bytes_match_one_gradient_all_reduce():
