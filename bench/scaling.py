@@ -19,6 +19,9 @@ ask for as many threads as the single process has. With more workers than cores 
 2-core machine) each worker still has one thread and the cores are oversubscribed: those rows
 measure the cost of sharing a small machine, not scaling.
 
+The machine's 1-minute load average before each job goes into the JSON: other work on the
+machine shows there, and throughput measured next to it is not the layout's.
+
 Prints a table and writes a JSON list with one object per layout (default bench/out/scaling.json).
 
     python bench/scaling.py [--model tiny] [--steps 12] [--log-every 2] [--warmup-windows 2]
@@ -103,6 +106,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="plait-scaling-") as tmp:
         for name, (workers, overrides) in LAYOUTS.items():
             threads = max(1, cores // workers)
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
             try:
                 windows, wall = run_layout(workers, overrides, base, Path(tmp) / name.replace(" ", "-"), threads)
             except RuntimeError as err:
@@ -117,6 +121,7 @@ def main() -> int:
                 "benchmark": "scaling", "layout": name, "workers": workers, "threads_per_worker": threads,
                 "tokens_per_s": rate, "speedup": speedup, "efficiency": speedup / workers,
                 "window_tokens_per_s": windows, "warmup_windows": a.warmup_windows, "wall_s": wall,
+                "load_average_before": load,
                 "overrides": overrides, "model": a.model, "steps": a.steps, "log_every": a.log_every,
                 "global_batch_tokens": a.global_batch_tokens, "seq_len": a.seq_len, "cores": cores,
                 "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
