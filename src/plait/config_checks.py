@@ -81,11 +81,17 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
 @dataclass(frozen=True)
 class Degrees:
-    """The parallel degrees with -1 resolved against the number of workers."""
+    """The parallel degrees with -1 resolved against the number of workers.
+
+    The world is pp x dp_replicate x dp_shard x cp x tp ranks. `ep` does not multiply it: expert
+    parallelism reuses ranks of the dp_shard x cp axes (MoE parallel folding)."""
 
     dp_replicate: int
     dp_shard: int
     tp: int
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
 
     @property
     def dp(self) -> int:
@@ -94,15 +100,21 @@ class Degrees:
 
     @property
     def world(self) -> int:
-        return self.dp * self.tp
+        return self.pp * self.dp * self.cp * self.tp
+
+
+# The degrees that multiply to the world, in mesh order (outermost first).
+WORLD_DEGREES = ("pp_degree", "dp_replicate_degree", "dp_shard_degree", "cp_degree", "tp_degree")
+FILLABLE = ("dp_replicate_degree", "dp_shard_degree")
 
 
 def resolve_degrees(p: "ParallelSection", world_size: int) -> Degrees:
     """Fill a -1 degree with what is left of the world; raise ConfigError if they do not fit."""
-    fixed = {"dp_replicate_degree": p.dp_replicate_degree, "dp_shard_degree": p.dp_shard_degree, "tp_degree": p.tp_degree}
+    fixed = {key: getattr(p, key) for key in WORLD_DEGREES}
     for key, value in fixed.items():
-        _require(value >= 1 or (value == -1 and key != "tp_degree"),
-                 f"parallel.{key} = {value} must be at least 1" + ("" if key == "tp_degree" else ", or -1 to fill the world"))
+        _require(value >= 1 or (value == -1 and key in FILLABLE),
+                 f"parallel.{key} = {value} must be at least 1" + (", or -1 to fill the world" if key in FILLABLE else ""))
+    _require(p.ep_degree >= 1, f"parallel.ep_degree = {p.ep_degree} must be at least 1")
     fills = [k for k, v in fixed.items() if v == -1]
     _require(len(fills) <= 1, f"only one degree may be -1, not {' and '.join('parallel.' + k for k in fills)}")
     known = math.prod(v for v in fixed.values() if v != -1)
@@ -113,16 +125,18 @@ def resolve_degrees(p: "ParallelSection", world_size: int) -> Degrees:
                 f"{known}, which does not divide {world_size}"
             )
         fixed[fills[0]] = world_size // known
-    degrees = Degrees(fixed["dp_replicate_degree"], fixed["dp_shard_degree"], fixed["tp_degree"])
+    degrees = Degrees(
+        dp_replicate=fixed["dp_replicate_degree"], dp_shard=fixed["dp_shard_degree"], tp=fixed["tp_degree"],
+        pp=fixed["pp_degree"], cp=fixed["cp_degree"], ep=p.ep_degree,
+    )
     if degrees.world != world_size:
+        product = " x ".join(f"{k.removesuffix('_degree')} {fixed[k]}" for k in WORLD_DEGREES if fixed[k] != 1) or "1"
+        others = degrees.world // degrees.dp_replicate
         raise ConfigError(
-            f"parallel.dp_replicate_degree x dp_shard_degree x tp_degree = {degrees.dp_replicate} x "
-            f"{degrees.dp_shard} x {degrees.tp} = {degrees.world}, but the job has {world_size} worker(s) "
-            f"(--nproc-per-node x --nnodes); they must be equal: for example parallel.dp_shard_degree = -1 "
-            f"fills the world, or set parallel.dp_replicate_degree = {world_size // (degrees.dp_shard * degrees.tp) or 1}"
-            if world_size % (degrees.dp_shard * degrees.tp) == 0 else
-            f"parallel.dp_replicate_degree x dp_shard_degree x tp_degree = {degrees.world}, but the job has "
-            f"{world_size} worker(s); make the degrees multiply to {world_size}"
+            f"the parallel degrees multiply to {product} = {degrees.world}, but the job has {world_size} "
+            f"worker(s) (--nproc-per-node x --nnodes); they must be equal: for example "
+            + (f"parallel.dp_shard_degree = -1 fills the world, or set parallel.dp_replicate_degree = {world_size // others}"
+               if world_size % others == 0 else f"make pp x dp_replicate x dp_shard x cp x tp = {world_size}")
         )
     return degrees
 
@@ -136,6 +150,12 @@ def validate_layout(cfg: Config, world_size: int | None) -> None:
             value == 1,
             f"parallel.{key} = {value}: pipeline, context and expert parallelism are not in this version "
             f"of plait; set parallel.{key} = 1",
+        )
+    if p.ep_degree > 1 and p.dp_shard_degree != -1 and (p.dp_shard_degree * p.cp_degree) % p.ep_degree:
+        raise ConfigError(
+            f"parallel.ep_degree = {p.ep_degree} must divide parallel.dp_shard_degree x cp_degree = "
+            f"{p.dp_shard_degree} x {p.cp_degree} (experts are spread over those ranks); set "
+            f"parallel.dp_shard_degree to a multiple of {p.ep_degree}"
         )
     _require(p.zero_stage in (-1, 0, 1, 2, 3), f"parallel.zero_stage = {p.zero_stage} must be -1 (auto), 0, 1, 2 or 3")
     degrees = resolve_degrees(p, world_size or 1) if world_size else None

@@ -123,7 +123,7 @@ def test_layout_against_world_size():
     assert resolve_degrees(cfg.parallel, 4).dp_shard == 4
     cfg = build_config(None, ["--parallel.dp_replicate_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=2"], world_size=4)
     assert resolve_degrees(cfg.parallel, 4).dp == 4
-    with pytest.raises(ConfigError, match="= 2 x 1 x 1 = 2, but the job has 4 worker"):
+    with pytest.raises(ConfigError, match="multiply to dp_replicate 2 = 2, but the job has 4 worker"):
         build_config(None, ["--parallel.dp_replicate_degree=2"], world_size=4)
     with pytest.raises(ConfigError, match="only one degree may be -1"):
         build_config(None, ["--parallel.dp_replicate_degree=-1", "--parallel.dp_shard_degree=-1", "--parallel.zero_stage=3"], world_size=4)
