@@ -55,9 +55,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def iter_checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, whole tensor) of a checkpoint's model weights, one tensor in memory at a time.
     The only place export knows the checkpoint's file layout."""
-    with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:
-        for name in f.keys():
-            yield name, f.get_tensor(name)
+    file = str(Path(path) / "model.safetensors")
+    with safe_open(file, framework="pt") as f:
+        names = list(f.keys())
+    for name in names:
+        # Opened once per tensor: safe_open maps the whole file, and the pages a read touched stay
+        # resident until the file is closed, which would add up to the whole model.
+        with safe_open(file, framework="pt") as f:
+            tensor = f.get_tensor(name)
+        yield name, tensor
 
 
 def checkpoint_args(path: Path) -> tuple[ModelArgs, dict[str, Any]]:
