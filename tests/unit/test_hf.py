@@ -153,6 +153,29 @@ def test_import_logits_match_transformers(tmp_path, shape):
     assert max_diff(run.model, again, HF_SHAPES[shape]["vocab_size"]) <= TOL
 
 
+def test_tokenizer_goes_both_ways(tmp_path):
+    from transformers import AutoTokenizer
+
+    from plait.data import HFTokenizer, save_tokenizer
+    from plait.data.tokenizer import train_bpe
+
+    text = "def add(a, b):\n    return a + b  # sums\n"
+    ours = HFTokenizer(train_bpe(iter([text * 50]), 300), "bpe")
+    args = SHAPES["gqa"].replace(vocab=320)
+    model, step = plait_run(tmp_path, args)
+    save_tokenizer(ours, step.parent.parent)
+    out = tmp_path / "hf"
+    assert main(["convert", "--to-hf", str(step), str(out)]) == 0
+    theirs = AutoTokenizer.from_pretrained(out)
+    assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == ours.eos_id
+    # Back into plait: the run samples with the same tokenizer.
+    assert main(["convert", "--from-hf", str(out), str(tmp_path / "back")]) == 0
+    run = plait.load(tmp_path / "back")
+    assert run.tokenizer.encode(text) == ours.encode(text) and run.tokenizer.eos_id == ours.eos_id
+    assert run.generate("def ", max_new_tokens=5, temperature=0).startswith("def ")
+
+
 def _corpus(tmp_path: Path) -> str:
     path = tmp_path / "corpus.txt"
     path.write_text("def add(a, b):\n    return a + b\n\n" * 400)
