@@ -143,7 +143,6 @@ def parse_size(text: str) -> int:
 def _cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
     from plait.checkpoint import latest_checkpoint
     from plait.checkpoint.hf import export_to_hf, import_from_hf
-    from plait.checkpoint.hf_config import HFConfigError
 
     src, out = Path(args.src), Path(args.out)
     if not src.is_dir():
@@ -165,7 +164,7 @@ def _cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
                      force=args.force, progress=print)
         print(f"load with transformers: LlamaForCausalLM.from_pretrained({str(out)!r})")
         return 0
-    except (HFConfigError, FileExistsError) as err:
+    except (ValueError, FileExistsError) as err:  # HFConfigError, ConfigError, weights that do not match
         print(f"plait convert: {err}", file=sys.stderr)
         return 2
 

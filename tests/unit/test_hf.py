@@ -9,6 +9,7 @@ is built from a config with random weights.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -182,7 +183,7 @@ def _corpus(tmp_path: Path) -> str:
     return str(path)
 
 
-TRAIN = ["--train.seq_len=32", "--train.global_batch_tokens=256", "--train.micro_batch_size=8",
+TRAIN = ["--train.device=cpu", "--train.seq_len=32", "--train.global_batch_tokens=256", "--train.micro_batch_size=8",
          "--train.eval_every=0", "--train.sample_tokens=0", "--run.progress=none", "--run.tensorboard=false",
          "--optim.weight_decay=0", "--optim.warmup_steps=0"]
 
@@ -207,6 +208,9 @@ def test_init_from_hf_in_training(tmp_path):
         build_config(None, [*shape, f"--model.init_from={hf_dir}"])
     with pytest.raises(ConfigError, match="no config.json"):
         build_config(None, [*shape, f"--model.init_from=hf:{tmp_path}"])
+    # The run's checkpoint holds the weights: loading it needs the Hugging Face directory no more.
+    shutil.rmtree(hf_dir)
+    assert plait.load(tmp_path / "run").step == 1
 
 
 def test_train_on_from_imported_run(tmp_path):
