@@ -247,6 +247,8 @@ def test_refusals(tmp_path, capsys):
     assert main(["convert", "--to-hf", str(step), str(busy)]) == 2
     assert "--force" in capsys.readouterr().err
     assert main(["convert", "--to-hf", str(step), str(busy), "--force"]) == 0
+    assert main(["convert", "--to-hf", str(step), str(step), "--force"]) == 2  # never over its own source
+    assert "is the source" in capsys.readouterr().err and (step / "model.safetensors").is_file()
     assert main(["convert", "--to-hf", str(step), str(tmp_path / "o2"), "--shard-size=lots"]) == 2
     assert "--shard-size" in capsys.readouterr().err
 
@@ -286,3 +288,18 @@ def test_plait_never_imports_transformers():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     src = Path(plait.__file__).parent
     assert not [p for p in src.rglob("*.py") if "import transformers" in p.read_text() or "from transformers" in p.read_text()]
+
+
+def test_names_round_trip_and_sizes():
+    from plait.checkpoint.hf_config import from_hf_name, to_hf_name
+    from plait.cli import parse_size
+
+    names = list(build_model(SHAPES["gqa"]).state_dict())
+    theirs = LlamaForCausalLM(LlamaConfig(**HF_SHAPES["gqa"])).state_dict()
+    assert {to_hf_name(n) for n in names} == set(theirs)  # the same parameters, by name
+    assert [from_hf_name(to_hf_name(n)) for n in names] == names
+    assert from_hf_name("model.rotary_emb.inv_freq") is None
+    assert from_hf_name("model.layers.0.self_attn.rotary_emb.inv_freq") is None
+    assert (parse_size("5GB"), parse_size("500MB"), parse_size("2GiB"), parse_size("1234")) == (5 * 10**9, 5 * 10**8, 2 * 2**30, 1234)
+    with pytest.raises(ConfigError, match="--shard-size"):
+        parse_size("0")

@@ -77,8 +77,10 @@ def checkpoint_args(path: Path) -> tuple[ModelArgs, dict[str, Any]]:
     return resolve_model_args(cfg.model), config
 
 
-def check_output_dir(out: Path, force: bool) -> None:
-    """Refuse to write into a non-empty directory unless `force`."""
+def check_output_dir(out: Path, force: bool, src: Path) -> None:
+    """Refuse to write into the source or into a non-empty directory (unless `force`)."""
+    if out.resolve() == src.resolve():
+        raise FileExistsError(f"output {out} is the source directory; pick a new directory")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -173,7 +175,7 @@ def export_to_hf(
         raise HFConfigError(f"--shard-size = {shard_size} must be positive")
     if dtype is not None and dtype not in DTYPES:
         raise HFConfigError(f"--dtype = {dtype!r} is not one of {sorted(DTYPES)}")
-    check_output_dir(out, force)
+    check_output_dir(out, force, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     _remove_previous_export(out)
     progress(f"exporting {checkpoint} ({args.layers} layers x {args.hidden} hidden, vocab {args.vocab}) to {out}")
@@ -271,7 +273,7 @@ def import_from_hf(hf_dir: str | Path, out: str | Path, force: bool = False, pro
     hf_dir, out = Path(hf_dir), Path(out)
     hf_config = read_hf_config(hf_dir)
     args_from_hf_config(hf_config)  # refuse unsupported configs before touching `out`
-    check_output_dir(out, force)
+    check_output_dir(out, force, hf_dir)
     progress(f"importing {hf_dir} to {out}")
     args, tensors = read_hf_model(hf_dir, progress)
     if force and (out / "checkpoints").is_dir():

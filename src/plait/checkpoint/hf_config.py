@@ -63,12 +63,11 @@ def from_hf_name(name: str) -> str | None:
     (rotary buffers some older exports store)."""
     if name in _HF_TOP_NAMES:
         return _HF_TOP_NAMES[name]
+    if name.endswith("rotary_emb.inv_freq"):
+        return None  # recomputed from the config
     match = _HF_LAYER_RE.match(name)
-    if match:
-        if match.group(2) in _HF_LAYER_NAMES:
-            return f"layers.{match.group(1)}.{_HF_LAYER_NAMES[match.group(2)]}"
-        if match.group(2).endswith("rotary_emb.inv_freq"):
-            return None  # recomputed from the config
+    if match and match.group(2) in _HF_LAYER_NAMES:
+        return f"layers.{match.group(1)}.{_HF_LAYER_NAMES[match.group(2)]}"
     raise HFConfigError(
         f"weight {name!r} is not part of a Llama model plait can build (biases and extra modules are not supported)"
     )
