@@ -48,6 +48,10 @@ def _quiet(_: str) -> None:
     pass
 
 
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 1e9:.2f} GB" if num_bytes >= 1e9 else f"{num_bytes / 1e6:.1f} MB"
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -111,7 +115,7 @@ class _ShardWriter:
         path = self.out / f".shard-{len(self.files) + 1:05d}.safetensors"
         save_file(self.pending, str(path), metadata={"format": "pt"})
         self.files.append((path, list(self.pending)))
-        self.progress(f"  shard {len(self.files)}: {len(self.pending)} tensors, {self.pending_bytes / 1e9:.2f} GB")
+        self.progress(f"  shard {len(self.files)}: {len(self.pending)} tensors, {_size(self.pending_bytes)}")
         self.pending, self.pending_bytes = {}, 0
 
     def finish(self) -> list[Path]:
@@ -192,7 +196,7 @@ def export_to_hf(
     eos_id = _export_tokenizer(checkpoint.parent.parent, out, seq_len, progress)
     hf_config = hf_config_from_args(args, seq_len, dtype or _dtype_name(stored or torch.float32), eos_id)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    progress(f"wrote config.json and {len(files)} weight file(s), {writer.total_bytes / 1e9:.2f} GB")
+    progress(f"wrote config.json and {len(files)} weight file(s), {_size(writer.total_bytes)}")
     return files
 
 
