@@ -303,3 +303,35 @@ def test_names_round_trip_and_sizes():
     assert (parse_size("5GB"), parse_size("500MB"), parse_size("2GiB"), parse_size("1234")) == (5 * 10**9, 5 * 10**8, 2 * 2**30, 1234)
     with pytest.raises(ConfigError, match="--shard-size"):
         parse_size("0")
+
+
+# The published config.json of Llama 3.2 1B (as transformers 4.45 wrote it).
+LLAMA_32_1B = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048,
+    "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 131072, "mlp_bias": False,
+    "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
+    "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+    "vocab_size": 128256,
+}
+
+
+def test_llama_32_1b_config_is_the_1b_size(tmp_path):
+    from plait.checkpoint.hf_config import args_from_hf_config, hf_config_from_args, model_mismatches
+    from plait.model import NAMED_SIZES
+
+    ours = NAMED_SIZES["1b"]
+    assert model_mismatches(ours, args_from_hf_config(LLAMA_32_1B), check_vocab=True) == []
+    written = hf_config_from_args(ours, seq_len=2048, dtype="bfloat16", eos_token_id=128001)
+    for key, value in written.items():
+        if key in LLAMA_32_1B and key not in ("bos_token_id",):
+            assert value == LLAMA_32_1B[key], key
+    # So `--model.name=1b --model.init_from=hf:DIR` passes the config check as it stands.
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_32_1B))
+    assert build_config(None, ["--model.name=1b", f"--model.init_from=hf:{tmp_path}"]).model.init_from
+    # The same config as transformers >= 5 writes it (rope_parameters) reads the same.
+    v5 = LlamaConfig(**LLAMA_32_1B).to_dict()
+    assert "rope_parameters" in v5 and model_mismatches(ours, args_from_hf_config(v5), check_vocab=True) == []

@@ -73,11 +73,17 @@ def from_hf_name(name: str) -> str | None:
     )
 
 
+# The context Llama 3.1 and 3.2 were extended to with Llama-3 rope scaling (their config.json
+# says so whatever the factor: 8 for 3.1, 32 for 3.2).
+LLAMA3_CONTEXT = 131072
+
+
 def max_position_embeddings(args: ModelArgs, seq_len: int) -> int:
-    """What to tell `transformers` the model handles: the trained length, or the length the rope
-    scaling was designed for when it is on (which `transformers` expects to be the larger)."""
+    """What to tell `transformers` the model handles: the trained length, or, when Llama-3 rope
+    scaling is on, the context it was made for (`transformers` expects it above the original
+    8192). It is informational: transformers' Llama computes the same logits whatever it says."""
     if args.rope_scaling_factor > 0:
-        return max(seq_len, int(args.rope_original_max_len * args.rope_scaling_factor))
+        return max(seq_len, LLAMA3_CONTEXT)
     return seq_len
 
 
