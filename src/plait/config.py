@@ -47,6 +47,9 @@ class ModelSection:
     rope_scaling_factor: float | None = None
     norm_eps: float | None = None
     init_std: float = 0.02
+    # "hf:DIR": start from a Hugging Face Llama's weights instead of random ones (the shape above
+    # must match it). A run that already has a checkpoint resumes from that instead.
+    init_from: str = ""
 
 
 @dataclass

@@ -38,6 +38,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     resolve_model_args(m)  # shape rules (heads, kv heads, head dim) with the overrides applied
     _require(m.vocab_multiple >= 1, f"model.vocab_multiple = {m.vocab_multiple} must be at least 1")
     _require(m.init_std > 0, f"model.init_std = {m.init_std} must be positive")
+    if m.init_from:
+        check_init_from(m)
     _require(
         0.0 <= d.val_fraction < 0.5,
         f"data.val_fraction = {d.val_fraction} must be in [0, 0.5); 0.02 holds out 2% of documents",
@@ -233,6 +235,22 @@ def with_resolved_zero_stage(cfg: Config, world_size: int) -> Config:
     code, the printout and the saved config.toml all see the same number."""
     parallel = dataclasses.replace(cfg.parallel, zero_stage=resolve_zero_stage(cfg.parallel, world_size))
     return dataclasses.replace(cfg, parallel=parallel)
+
+
+def check_init_from(m: ModelSection) -> None:
+    """model.init_from names a Hugging Face Llama directory whose model is this config's (the
+    vocabulary is compared too when the config fixes it; otherwise once the tokenizer is known)."""
+    from plait.checkpoint.hf_config import HF_PREFIX, HFConfigError, args_from_hf_config, mismatch_message, read_hf_config
+
+    spec = m.init_from
+    _require(spec.startswith(HF_PREFIX), f"model.init_from = {spec!r} must be of the form \"hf:DIR\" (a Hugging Face Llama directory)")
+    try:
+        theirs = args_from_hf_config(read_hf_config(spec[len(HF_PREFIX):]))
+    except (HFConfigError, FileNotFoundError) as err:
+        raise ConfigError(f"model.init_from = {spec!r}: {err}") from None
+    ours = resolve_model_args(m)
+    problem = mismatch_message(spec, ours, theirs, check_vocab=ours.vocab is not None)
+    _require(problem is None, problem or "")
 
 
 def micro_batch_size(t: "TrainSection", dp: int) -> int:

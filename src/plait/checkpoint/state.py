@@ -90,6 +90,10 @@ def restore_checkpoint(
     tensors = read_tensors(path, "model")
     check_model_tensors(path, tensors, expected_shapes)
     scatter_model(model, tensors, distributed)
+    if state.get("weights_only"):
+        # An imported model (`plait convert --from-hf`): the optimizer, the RNG and the data
+        # position start fresh; state["loader"] is None.
+        return state
     scatter_optimizer(model, optimizer, read_tensors(path, "optimizer"), state["optimizer_groups"], distributed)
     restore_rng(path)
     return state

@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from plait._version import __version__
 from plait.checkpoint import latest_checkpoint, save_checkpoint
+from plait.checkpoint.hf import init_model_from
 from plait.checkpoint.state import gather_model, gather_optimizer, restore_checkpoint
 from plait.config import Config, ConfigError, resolve_degrees, resolve_model_args, validate, with_resolved_zero_stage
 from plait.data import TrainLoader, build_data, iter_eval_batches, save_tokenizer
@@ -111,6 +112,8 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
 
     torch.manual_seed(cfg.run.seed)
     module = materialize(build_model(args), device, cfg.run.seed)
+    if cfg.model.init_from and latest_checkpoint(run_dir) is None:  # a checkpoint, when there is one, wins
+        init_model_from(module, cfg.model.init_from)  # whole weights, before any parallel layout
     # `module` is the model without a DDP wrapper (FSDP and TP transform it in place): eval and sampling use it.
     model = apply_layout(module, t, cfg.parallel, layout)
     optimizer = build_layout_optimizer(model, o, cfg.parallel, layout)
@@ -130,7 +133,8 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
         shapes = {name: p.shape for name, p in build_model(args).state_dict().items()}  # meta: free
         try:
             restored = restore_checkpoint(checkpoint, model, optimizer, distributed, shapes)
-            loader.load_state_dict(restored["loader"])
+            if restored["loader"] is not None:  # None: a weights-only (imported) checkpoint
+                loader.load_state_dict(restored["loader"])
         except ValueError as err:  # a different model or data shape than the one saved
             raise ConfigError(
                 f"cannot resume run.dir = {str(run_dir)!r} from {checkpoint.name}: {err}. "
