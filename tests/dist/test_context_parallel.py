@@ -1,0 +1,135 @@
+"""Ring and Ulysses attention on gloo ranks against single-process causal attention.
+
+One spawn of four CPU workers runs every case: each rank draws the same whole-sequence q/k/v,
+computes the reference (scaled_dot_product_attention with the key/value heads repeated), then runs
+the context-parallel attention on its own tokens only. The loss is sum(out * w) over all tokens,
+so the sum of the ranks' local losses is the reference loss and the gradients of a rank's q/k/v
+shard must equal the reference gradients at the positions it holds. Rank 0 writes the largest
+differences to a JSON file; one test per case compares them. The 2-rank cases run on the cp
+axis of a 2 x 2 mesh, the 4-rank ones on all four ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from plait.parallel.context_parallel import context_parallel_problems, shard_positions
+
+WORLD = 4
+# name -> (cp degree, method, heads, kv heads, sequence length, dtype, CPU kernel)
+CASES: dict[str, tuple[int, str, int, int, int, str, bool]] = {
+    "ring-cp2-gqa": (2, "ring", 4, 2, 32, "float64", True),
+    "ring-cp4-gqa": (4, "ring", 4, 2, 64, "float64", True),
+    "ring-cp4-mha-fp32": (4, "ring", 4, 4, 64, "float32", True),
+    "ring-cp4-gqa-math": (4, "ring", 8, 2, 64, "float64", False),
+    "ulysses-cp2-gqa": (2, "ulysses", 4, 2, 32, "float64", True),
+    "ulysses-cp4-gqa": (4, "ulysses", 8, 4, 64, "float64", True),
+}
+TOLERANCE = {"float64": 1e-10, "float32": 2e-5}
+
+
+def _run_case(cp: int, method: str, heads: int, kv_heads: int, seq: int, dtype: str, cpu_kernel: bool, mesh) -> dict:
+    from plait.parallel.context_parallel import RingAttention, UlyssesAttention, context_sharding
+
+    torch_dtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(7)
+    b, e = 2, 8
+    q = torch.randn(b, heads, seq, e, generator=gen, dtype=torch_dtype)
+    k = torch.randn(b, kv_heads, seq, e, generator=gen, dtype=torch_dtype)
+    v = torch.randn(b, kv_heads, seq, e, generator=gen, dtype=torch_dtype)
+    w = torch.randn(b, heads, seq, e, generator=gen, dtype=torch_dtype)
+
+    ref = [x.clone().requires_grad_() for x in (q, k, v)]
+    groups = heads // kv_heads
+    out_ref = torch.nn.functional.scaled_dot_product_attention(
+        ref[0], ref[1].repeat_interleave(groups, 1), ref[2].repeat_interleave(groups, 1), is_causal=True
+    )
+    (out_ref * w).sum().backward()
+
+    sharding = context_sharding(mesh, method)
+    attention = RingAttention(sharding, cpu_kernel) if method == "ring" else UlyssesAttention(sharding)
+    pos = shard_positions(seq, sharding.rank, cp, method)
+    local = [x[:, :, pos].clone().requires_grad_() for x in (q, k, v)]
+    out = attention(*local)
+    (out * w[:, :, pos]).sum().backward()
+    diffs = {"out": (out - out_ref[:, :, pos]).abs().max().item()}
+    for name, mine, theirs in zip("qkv", local, ref):
+        diffs[f"d{name}"] = (mine.grad - theirs.grad[:, :, pos]).abs().max().item()
+    # The worst rank decides.
+    worst = torch.tensor(list(diffs.values()), dtype=torch.float64)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return dict(zip(diffs, worst.tolist()))
+
+
+def _worker(rank: int, store: str, result_path: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.set_num_threads(1)  # four processes on two cores
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+    )
+    pair = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))["cp"]
+    whole = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("cp",))
+    results: dict = {}
+    for name, case in CASES.items():
+        try:
+            results[name] = _run_case(*case, mesh=pair if case[0] == 2 else whole)
+        except Exception:
+            results[name] = {"error": f"rank {rank}:\n{traceback.format_exc()}"}
+    if rank == 0:
+        Path(result_path).write_text(json.dumps(results))
+    # Without this teardown gloo sometimes aborts the process at interpreter exit.
+    dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("cp")
+    result_path = tmp / "results.json"
+    mp.spawn(_worker, args=(str(tmp / "store"), str(result_path)), nprocs=WORLD, join=True)
+    return json.loads(result_path.read_text())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_attention_matches_single_process(results: dict, case: str) -> None:
+    r = results[case]
+    if "error" in r:
+        pytest.fail(r["error"], pytrace=False)
+    bound = TOLERANCE[CASES[case][5]]
+    assert set(r) == {"out", "dq", "dk", "dv"}
+    bad = {key: diff for key, diff in r.items() if not diff <= bound}
+    assert not bad, f"differs from single-process attention by more than {bound}: {bad}"
+
+
+def test_ring_positions_balance_causal_work() -> None:
+    assert shard_positions(8, 0, 2, "ring").tolist() == [0, 1, 6, 7]
+    assert shard_positions(8, 1, 2, "ring").tolist() == [2, 3, 4, 5]
+    assert shard_positions(8, 1, 2, "ulysses").tolist() == [4, 5, 6, 7]
+    every = torch.cat([shard_positions(64, r, 4, "ring") for r in range(4)]).sort().values
+    assert every.tolist() == list(range(64))
+    # Each rank's causal work (keys seen by its queries) is the same.
+    work = {int((shard_positions(64, r, 4, "ring") + 1).sum()) for r in range(4)}
+    assert len(work) == 1
+
+
+def test_problems_name_fields_and_fixes() -> None:
+    assert context_parallel_problems(2, 2, "ring", 64) == []
+    assert context_parallel_problems(2, 1, "ulysses", 63) == []
+    text = " | ".join(context_parallel_problems(2, 4, "ring", 60))
+    assert "train.seq_len = 60 is not divisible by 2 x parallel.cp_degree = 8" in text and "train.seq_len = 56" in text
+    text = " | ".join(context_parallel_problems(2, 4, "ulysses", 64))
+    assert "model.kv_heads = 2 is not divisible by parallel.cp_degree = 4" in text
+    assert "parallel.cp_degree in [1, 2]" in text and 'parallel.cp_method = "ring"' in text
+    text = " | ".join(context_parallel_problems(4, 4, "ulysses", 66))
+    assert "train.seq_len = 66 is not divisible by parallel.cp_degree = 4" in text and "kv_heads" not in text
