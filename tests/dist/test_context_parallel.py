@@ -7,6 +7,12 @@ so the sum of the ranks' local losses is the reference loss and the gradients of
 shard must equal the reference gradients at the positions it holds. Rank 0 writes the largest
 differences to a JSON file; one test per case compares them. The 2-rank cases run on the cp
 axis of a 2 x 2 mesh, the 4-rank ones on all four ranks.
+
+The model cases run the whole `debug` model (init std 0.2, so attention is far from uniform and
+a token at a wrong rotary position changes the logits) with each rank's shard of the tokens and
+their global positions: logits must equal the reference's at those positions, and the gradients,
+summed over the cp ranks and divided by the degree (what DDP/FSDP do over dp x cp), must equal
+the gradients of the reference's mean loss.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ CASES: dict[str, tuple[int, str, int, int, int, str, bool]] = {
     "ulysses-cp4-gqa": (4, "ulysses", 8, 4, 64, "float64", True),
 }
 TOLERANCE = {"float64": 1e-10, "float32": 2e-5}
+# name -> (cp degree, method)
+MODEL_CASES = {"model-ring-cp2": (2, "ring"), "model-ring-cp4": (4, "ring"), "model-ulysses-cp2": (2, "ulysses")}
 
 
 def _run_case(cp: int, method: str, heads: int, kv_heads: int, seq: int, dtype: str, cpu_kernel: bool, mesh) -> dict:
@@ -70,6 +78,35 @@ def _run_case(cp: int, method: str, heads: int, kv_heads: int, seq: int, dtype: 
     return dict(zip(diffs, worst.tolist()))
 
 
+def _run_model_case(cp: int, method: str, mesh) -> dict:
+    from plait.model import NAMED_SIZES, build_model, materialize
+    from plait.parallel.context_parallel import apply_context_parallel, context_sharding
+
+    args = NAMED_SIZES["debug"].replace(vocab=256, init_std=0.2)
+    reference = materialize(build_model(args), "cpu", seed=0)
+    model = materialize(build_model(args), "cpu", seed=0)
+    apply_context_parallel(model, mesh, method)
+    tokens = torch.randint(0, args.vocab, (2, 33), generator=torch.Generator().manual_seed(3))
+    inputs_BN, targets_BN = tokens[:, :-1], tokens[:, 1:]
+
+    logits_ref = reference(inputs_BN)
+    torch.nn.functional.cross_entropy(logits_ref.flatten(0, 1), targets_BN.flatten()).backward()
+    inputs_BT, targets_BT, positions_T = context_sharding(mesh, method).split(inputs_BN, targets_BN)
+    logits = model(inputs_BT, positions_T)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets_BT.flatten()).backward()
+    diffs = {"logits": (logits - logits_ref[:, positions_T]).abs().max().item()}
+    ref_params = dict(reference.named_parameters())
+    grad = 0.0
+    for name, param in model.named_parameters():
+        summed = param.grad.clone()
+        dist.all_reduce(summed, group=mesh.get_group())
+        grad = max(grad, (summed / cp - ref_params[name].grad).abs().max().item())
+    diffs["grads"] = grad
+    worst = torch.tensor(list(diffs.values()), dtype=torch.float64)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return dict(zip(diffs, worst.tolist()))
+
+
 def _worker(rank: int, store: str, result_path: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -83,6 +120,11 @@ def _worker(rank: int, store: str, result_path: str) -> None:
     for name, case in CASES.items():
         try:
             results[name] = _run_case(*case, mesh=pair if case[0] == 2 else whole)
+        except Exception:
+            results[name] = {"error": f"rank {rank}:\n{traceback.format_exc()}"}
+    for name, (cp, method) in MODEL_CASES.items():
+        try:
+            results[name] = _run_model_case(cp, method, pair if cp == 2 else whole)
         except Exception:
             results[name] = {"error": f"rank {rank}:\n{traceback.format_exc()}"}
     if rank == 0:
@@ -110,6 +152,15 @@ def test_attention_matches_single_process(results: dict, case: str) -> None:
     assert set(r) == {"out", "dq", "dk", "dv"}
     bad = {key: diff for key, diff in r.items() if not diff <= bound}
     assert not bad, f"differs from single-process attention by more than {bound}: {bad}"
+
+
+@pytest.mark.parametrize("case", list(MODEL_CASES))
+def test_model_matches_single_process(results: dict, case: str) -> None:
+    r = results[case]
+    if "error" in r:
+        pytest.fail(r["error"], pytrace=False)
+    assert r["logits"] <= 1e-5, f"logits differ by {r['logits']}"
+    assert r["grads"] <= 1e-5, f"gradients differ by {r['grads']}"
 
 
 def test_ring_positions_balance_causal_work() -> None:
