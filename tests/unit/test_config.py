@@ -161,7 +161,7 @@ def test_tensor_parallel_with_data_parallel_needs_fsdp():
         ("--parallel.cp_degree=2 --parallel.dp_shard_degree=2 --parallel.zero_stage=1",
          "parallel.cp_degree = 2 with parallel.zero_stage = 1 is not supported"),
         ("--parallel.cp_degree=2 --parallel.dp_replicate_degree=2 --parallel.dp_shard_degree=2 --parallel.zero_stage=3",
-         "with parallel.dp_replicate_degree = 2 with parallel.zero_stage = 3 is not supported"),
+         "with parallel.dp_replicate_degree = 2 and parallel.zero_stage = 3 (HSDP) is not supported"),
         ("--parallel.cp_degree=2 --train.compile=true", "parallel.cp_degree = 2 with train.compile = true is not supported"),
     ],
 )
