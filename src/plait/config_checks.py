@@ -238,8 +238,6 @@ def _validate_context_parallel(cfg: Config) -> None:
          "use parallel.zero_stage = 0 (DDP over data x context ranks) or 2/3 (FSDP over dp_shard x cp)"),
         (p.zero_stage >= 2 and p.dp_replicate_degree != 1, f"parallel.dp_replicate_degree = {p.dp_replicate_degree} "
          f"and parallel.zero_stage = {p.zero_stage} (HSDP)", "use parallel.dp_shard_degree alone for FSDP with context parallelism"),
-        (t.compile, "train.compile = true",
-         "the context-parallel attention calls collectives inside autograd functions; set train.compile = false"),
     )
     for bad, what, fix in refused:
         _require(not bad, f"parallel.cp_degree = {p.cp_degree} with {what} is not supported in this version: {fix}")

@@ -162,7 +162,6 @@ def test_tensor_parallel_with_data_parallel_needs_fsdp():
          "parallel.cp_degree = 2 with parallel.zero_stage = 1 is not supported"),
         ("--parallel.cp_degree=2 --parallel.dp_replicate_degree=2 --parallel.dp_shard_degree=2 --parallel.zero_stage=3",
          "with parallel.dp_replicate_degree = 2 and parallel.zero_stage = 3 (HSDP) is not supported"),
-        ("--parallel.cp_degree=2 --train.compile=true", "parallel.cp_degree = 2 with train.compile = true is not supported"),
     ],
 )
 def test_context_parallel_errors_name_field_and_fix(override, expected):
@@ -178,5 +177,6 @@ def test_context_parallel_layouts_accepted():
     degrees = resolve_degrees(cfg.parallel, 4)
     assert (degrees.cp, degrees.dp) == (2, 2)
     build_config(None, ["--parallel.cp_degree=2", "--parallel.cp_method=ulysses", "--parallel.dp_replicate_degree=-1"], world_size=4)
+    build_config(None, ["--parallel.cp_degree=2", "--train.compile=true"], world_size=2)
     with pytest.raises(ConfigError, match="multiply to cp 2 = 2, but the job has 4"):
         build_config(None, ["--parallel.cp_degree=2"], world_size=4)
