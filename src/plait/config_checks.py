@@ -146,13 +146,15 @@ def resolve_degrees(p: "ParallelSection", world_size: int) -> Degrees:
 def validate_layout(cfg: Config, world_size: int | None) -> None:
     """Degrees against each other, the model, the batch and (when known) the number of workers."""
     p, t = cfg.parallel, cfg.train
-    for key in ("pp_degree", "cp_degree", "ep_degree"):
+    for key in ("pp_degree", "ep_degree"):
         value = getattr(p, key)
         _require(
             value == 1,
             f"parallel.{key} = {value}: pipeline, context and expert parallelism are not in this version "
             f"of plait; set parallel.{key} = 1",
         )
+    if p.cp_degree != 1:
+        _validate_context_parallel(cfg)
     if p.ep_degree > 1 and p.dp_shard_degree != -1 and (p.dp_shard_degree * p.cp_degree) % p.ep_degree:
         raise ConfigError(
             f"parallel.ep_degree = {p.ep_degree} must divide parallel.dp_shard_degree x cp_degree = "
@@ -251,6 +253,30 @@ def check_init_from(m: ModelSection) -> None:
     ours = resolve_model_args(m)
     problem = mismatch_message(spec, ours, theirs, check_vocab=ours.vocab is not None)
     _require(problem is None, problem or "")
+
+
+def _validate_context_parallel(cfg: Config) -> None:
+    """Context parallelism: shapes it can split, and the layouts it is tested with."""
+    from plait.parallel.context_parallel import context_parallel_problems
+
+    p, t = cfg.parallel, cfg.train
+    _require(p.cp_degree >= 1, f"parallel.cp_degree = {p.cp_degree} must be at least 1 (1: no context parallelism)")
+    problems = context_parallel_problems(resolve_model_args(cfg.model).kv_heads, p.cp_degree, p.cp_method, t.seq_len)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    stage = _zero_stage_for(p.zero_stage, p.dp_shard_degree)
+    refused = (
+        (p.tp_degree > 1, f"parallel.tp_degree = {p.tp_degree}",
+         "tensor parallelism splits the heads that context parallelism's attention exchanges; set parallel.tp_degree = 1"),
+        (p.pp_degree > 1, f"parallel.pp_degree = {p.pp_degree}",
+         "pipeline stages do not pass the tokens' global positions on; set parallel.pp_degree = 1"),
+        (stage == 1, "parallel.zero_stage = 1",
+         "use parallel.zero_stage = 0 (DDP over data x context ranks) or 2/3 (FSDP over dp_shard x cp)"),
+        (stage >= 2 and p.dp_replicate_degree != 1, f"parallel.dp_replicate_degree = {p.dp_replicate_degree} "
+         f"and parallel.zero_stage = {stage} (HSDP)", "use parallel.dp_shard_degree alone for FSDP with context parallelism"),
+    )
+    for bad, what, fix in refused:
+        _require(not bad, f"parallel.cp_degree = {p.cp_degree} with {what} is not supported in this version: {fix}")
 
 
 def micro_batch_size(t: "TrainSection", dp: int) -> int:

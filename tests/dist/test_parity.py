@@ -46,6 +46,13 @@ LAYOUTS = {
     "fsdp2-tp2-activation-checkpointing": (4, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=3",
                                                "--parallel.tp_degree=2", "--train.activation_checkpointing=true"]),
     "zero3-x2-compile": (2, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=3", "--train.compile=true"]),
+    "cp2-ring": (2, ["--parallel.cp_degree=2", "--parallel.cp_method=ring"]),
+    "cp2-ulysses": (2, ["--parallel.cp_degree=2", "--parallel.cp_method=ulysses"]),
+    "cp2-ring-activation-checkpointing": (2, ["--parallel.cp_degree=2", "--train.activation_checkpointing=true"]),
+    "cp2-ring-compile": (2, ["--parallel.cp_degree=2", "--train.compile=true"]),
+    "cp2-ulysses-compile": (2, ["--parallel.cp_degree=2", "--parallel.cp_method=ulysses", "--train.compile=true"]),
+    "cp2-ddp2": (4, ["--parallel.cp_degree=2", "--parallel.dp_replicate_degree=2"]),
+    "cp2-fsdp2": (4, ["--parallel.cp_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=3"]),
 }
 
 

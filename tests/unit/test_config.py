@@ -164,3 +164,37 @@ def test_zero_stage_auto():
     assert stage(["--parallel.dp_shard_degree=2", "--parallel.zero_stage=1"], 2) == 1  # explicit wins
     cfg = build_config(None, ["--parallel.dp_shard_degree=2", "--parallel.tp_degree=2"], world_size=4)
     assert with_resolved_zero_stage(cfg, 4).parallel.zero_stage == 3 and cfg.parallel.zero_stage == -1
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("--parallel.cp_method=zigzag", "parallel.cp_method = 'zigzag' is not one of"),
+        ("--parallel.cp_degree=0", "parallel.cp_degree = 0 must be at least 1"),
+        ("--parallel.cp_degree=2 --train.seq_len=250 --train.global_batch_tokens=8000",
+         "train.seq_len = 250 is not divisible by 2 x parallel.cp_degree = 4 (ring attention"),
+        ("--parallel.cp_degree=4 --parallel.cp_method=ulysses",
+         "model.kv_heads = 2 is not divisible by parallel.cp_degree = 4: Ulysses"),
+        ("--parallel.cp_degree=2 --parallel.tp_degree=2", "parallel.cp_degree = 2 with parallel.tp_degree = 2 is not supported"),
+        ("--parallel.cp_degree=2 --parallel.dp_shard_degree=2 --parallel.zero_stage=1",
+         "parallel.cp_degree = 2 with parallel.zero_stage = 1 is not supported"),
+        ("--parallel.cp_degree=2 --parallel.dp_replicate_degree=2 --parallel.dp_shard_degree=2 --parallel.zero_stage=3",
+         "with parallel.dp_replicate_degree = 2 and parallel.zero_stage = 3 (HSDP) is not supported"),
+    ],
+)
+def test_context_parallel_errors_name_field_and_fix(override, expected):
+    with pytest.raises(ConfigError) as info:
+        build_config(None, override.split(" "))
+    assert expected in str(info.value)
+
+
+def test_context_parallel_layouts_accepted():
+    from plait.config import resolve_degrees
+
+    cfg = build_config(None, ["--parallel.cp_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=3"], world_size=4)
+    degrees = resolve_degrees(cfg.parallel, 4)
+    assert (degrees.cp, degrees.dp) == (2, 2)
+    build_config(None, ["--parallel.cp_degree=2", "--parallel.cp_method=ulysses", "--parallel.dp_replicate_degree=-1"], world_size=4)
+    build_config(None, ["--parallel.cp_degree=2", "--train.compile=true"], world_size=2)
+    with pytest.raises(ConfigError, match="multiply to cp 2 = 2, but the job has 4"):
+        build_config(None, ["--parallel.cp_degree=2"], world_size=4)

@@ -2,7 +2,7 @@
 attention through `scaled_dot_product_attention`, and a SwiGLU or GELU MLP.
 
 The model knows nothing of distribution (no torch.distributed here): parallelisms are applied to
-it from outside. It is built on the meta device and then materialised with `materialize`, which
+it from outside (context parallelism swaps `Attention.attention_fn` and passes global positions). It is built on the meta device and then materialised with `materialize`, which
 initialises every parameter from its own generator seeded by (seed, parameter name), so a
 parameter gets the same values whichever rank or pipeline stage holds it.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +93,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.hidden, args.kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(args.hidden, args.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(args.heads * self.head_dim, args.hidden, bias=False)
+        # Swapped in from outside for a sequence spread over several ranks (context parallelism):
+        # (q_BHTE, k_BKTE, v_BKTE) -> causal out_BHTE. None: local attention below.
+        self.attention_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(
         self, x_BTD: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor, cache: LayerCache | None = None
@@ -104,6 +108,9 @@ class Attention(nn.Module):
         v_BKTE = self.v_proj(x_BTD).view(b, t, -1, self.head_dim).transpose(1, 2)
         q_BHTE = apply_rope(q_BHTE, cos_TE, sin_TE)
         k_BKTE = apply_rope(k_BKTE, cos_TE, sin_TE)
+        if self.attention_fn is not None and cache is None:
+            out_BHTE = self.attention_fn(q_BHTE, k_BKTE, v_BKTE)
+            return self.o_proj(out_BHTE.transpose(1, 2).reshape(b, t, -1))
 
         causal = True
         mask = None

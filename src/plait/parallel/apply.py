@@ -3,6 +3,9 @@
 Order and why:
 1. tensor (and sequence) parallelism first: it replaces parameters by DTensor shards on the `tp`
    axis, and everything after must see those shards;
+   context parallelism next: it only swaps each block's attention function for one that runs
+   across the `cp` axis, so it must reach the bare blocks before checkpointing, compilation and
+   data parallelism wrap them (recomputation then re-runs the ring or all-to-all too);
 2. activation checkpointing wraps each block, so compilation (3) sees the recomputation
    boundary and compiles the block's inside once;
 3. torch.compile per block (not the whole model): blocks share code, so one compiled graph
@@ -12,6 +15,9 @@ Order and why:
    gradient hooks then fire after any recomputation. ZeRO-1, and plain data parallelism with
    TP (DDP takes no DTensor parameters), leave the model alone: their optimizer
    (`build_layout_optimizer`, zero1.py) averages the gradients after backward.
+   With context parallelism the cp axis joins the data-parallel axes: its ranks hold the same
+   parameters and see different tokens, so their gradients are averaged with the data-parallel
+   ones (DDP over dp x cp; FSDP2 shards over dp_shard x cp, as torchtitan does).
 """
 
 from __future__ import annotations
@@ -35,25 +41,31 @@ def apply_layout(model: nn.Module, train: TrainSection, parallel: ParallelSectio
     degrees = layout.degrees if layout is not None else None
     if degrees is not None and degrees.tp > 1:
         apply_tensor_parallel(model, layout.submesh("tp"), parallel.sequence_parallel)
+    if degrees is not None and degrees.cp > 1:
+        from plait.parallel.context_parallel import apply_context_parallel
+
+        apply_context_parallel(model, layout.submesh("cp"), parallel.cp_method)
     if train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if train.compile:
         for block in model.layers.values():
             # In place (Module.compile), so parameter names do not gain an "_orig_mod." part.
             block.compile()
-    if degrees is None or degrees.dp == 1:
+    if degrees is None or degrees.dp * degrees.cp == 1:
         return model
     assert parallel.zero_stage in (0, 1, 2, 3), f"resolve zero_stage {parallel.zero_stage} first (config.with_resolved_zero_stage)"
     if parallel.zero_stage >= 2:
         from plait.parallel.fully_shard import apply_fully_shard
 
         dp_axes = ("dp_replicate", "dp_shard") if degrees.dp_replicate > 1 else ("dp_shard",)
-        apply_fully_shard(model, layout.submesh(*dp_axes), parallel.zero_stage, parallel.mixed_precision, parallel.cpu_offload)
+        mesh = layout.submesh(*dp_axes) if degrees.cp == 1 else layout.flat_mesh("dp_shard", "cp")
+        apply_fully_shard(model, mesh, parallel.zero_stage, parallel.mixed_precision, parallel.cpu_offload)
         return model
     if _optimizer_averages_gradients(parallel, layout):
         return model
-    # Only the data-parallel ranks remain (tp = 1): DDP over the default group.
-    return apply_data_parallel(model)
+    # DDP (tp = 1) over the data-parallel ranks, and the context-parallel ones when cp > 1.
+    group = layout.dp_group() if degrees.cp == 1 else layout.flat_mesh("dp_replicate", "dp_shard", "cp").get_group()
+    return apply_data_parallel(model, group)
 
 
 def _optimizer_averages_gradients(parallel: ParallelSection | None, layout: Layout | None) -> bool:

@@ -27,6 +27,7 @@ from plait.hardware import peak_flops
 from plait.model import Transformer, build_model, generate, materialize
 from plait.optim import lr_at
 from plait.parallel.apply import apply_layout, build_grad_clipper, build_layout_optimizer
+from plait.parallel.context_parallel import ContextSharding, context_sharding
 from plait.parallel.mesh import build_layout
 from plait.parallel.tensor_parallel import loss_parallel_context, tp_cross_entropy
 from plait.parallel.data_parallel import gradient_sync
@@ -53,23 +54,30 @@ def autocast_for(device: torch.device, dtype: str):
     return nullcontext()
 
 
-def lm_loss(model: nn.Module, batch_BT1: torch.Tensor, autocast) -> torch.Tensor:
+def lm_loss(model: nn.Module, batch_BT1: torch.Tensor, autocast, cp: ContextSharding | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over the batch, in fp32. Under tensor parallelism the logits
-    stay sharded on the vocabulary (call inside `loss_parallel_context`, backward included)."""
+    stay sharded on the vocabulary (call inside `loss_parallel_context`, backward included).
+    Under context parallelism it is the mean over this rank's tokens of each sequence."""
+    inputs_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
+    extra = {}
+    if cp is not None:
+        inputs_BT, targets_BT, extra["positions_T"] = cp.split(inputs_BT, targets_BT)
     with autocast:
-        logits_BTV = model(batch_BT1[:, :-1])
-    return tp_cross_entropy(logits_BTV, batch_BT1[:, 1:])
+        logits_BTV = model(inputs_BT, **extra)
+    return tp_cross_entropy(logits_BTV, targets_BT)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, val_tokens, cfg: Config, device: torch.device, dtype: str) -> float:
-    """Mean validation loss; every rank evaluates the same batches (sharded layouts need all)."""
+def evaluate(model: nn.Module, val_tokens, cfg: Config, device: torch.device, dtype: str, cp: ContextSharding | None = None) -> float:
+    """Mean validation loss; every rank evaluates the same batches (sharded layouts need all),
+    context-parallel ranks each their tokens of them."""
     model.eval()
     total, count = 0.0, 0
     for batch in iter_eval_batches(val_tokens, cfg.train.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches):
         batch = batch.to(device, non_blocking=True)
         with loss_parallel_context(cfg.parallel.tp_degree != 1):
-            total += lm_loss(model, batch, autocast_for(device, dtype)).item() * batch.shape[0]
+            loss = lm_loss(model, batch, autocast_for(device, dtype), cp)
+            total += (cp.average(loss) if cp is not None else loss).item() * batch.shape[0]
         count += batch.shape[0]
     model.train()
     return total / count
@@ -93,8 +101,9 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     layout = build_layout(resolve_degrees(cfg.parallel, dist_info.world_size), device)
     dp, distributed = layout.degrees.dp, dist_info.world_size > 1
     tp = layout.degrees.tp > 1
-    # Parameters split over ranks: forwards need every rank, so the final sample uses a gathered copy.
-    sharded = tp or cfg.parallel.zero_stage >= 2
+    # Parameters split over ranks: forwards need every rank, so the final sample uses a gathered copy
+    # (so does context parallelism, whose attention expects a sequence spread over the cp ranks).
+    sharded = tp or cfg.parallel.zero_stage >= 2 or layout.degrees.cp > 1
     run_dir = cfg.run_dir
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -117,6 +126,7 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     # `module` is the model without a DDP wrapper (FSDP and TP transform it in place): eval and sampling use it.
     model = apply_layout(module, t, cfg.parallel, layout)
     optimizer = build_layout_optimizer(model, o, cfg.parallel, layout)
+    cp = context_sharding(layout.submesh("cp"), cfg.parallel.cp_method) if layout.degrees.cp > 1 else None
     loader = TrainLoader(
         data.train, t.seq_len, derived.sequences_per_step, dp_rank=layout.dp_rank(), dp_degree=dp, seed=cfg.run.seed
     )
@@ -187,7 +197,7 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
         micro_batches = batch.split(derived.micro_batch_size)
         for i, micro in enumerate(micro_batches):
             with gradient_sync(model, last_micro_batch=i == len(micro_batches) - 1), loss_parallel_context(tp):
-                loss = lm_loss(model, micro, autocast) / derived.accumulation_steps
+                loss = lm_loss(model, micro, autocast, cp) / derived.accumulation_steps
                 loss.backward()
             loss_sum += loss.detach()
         grad_norm = clip_grad_norm(o.grad_clip) if o.grad_clip > 0 else None
@@ -225,7 +235,7 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
         paused = False
         if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
             # Every replica evaluates the same batches with the same weights: same number.
-            val_loss = evaluate(module, data.val, cfg, device, derived.dtype)
+            val_loss = evaluate(module, data.val, cfg, device, derived.dtype, cp)
             if metrics is not None:
                 metrics.log("val", step, tokens=tokens_seen, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
             progress.print(f"step {step}: val_loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})")
