@@ -47,6 +47,14 @@ class ModelSection:
     rope_scaling_factor: float | None = None
     norm_eps: float | None = None
     init_std: float = 0.02
+    # Mixture of experts (docs/model.md): experts per block (0: dense MLP), experts per token,
+    # expert SwiGLU width (unset: ffn_hidden), capacity factor (0: dropless) and the weight of
+    # the load-balancing loss. Unset: the named size's (debug-moe, tiny-moe, mixtral-8x7b).
+    moe_experts: int | None = None
+    moe_top_k: int | None = None
+    moe_ffn_hidden: int | None = None
+    moe_capacity_factor: float | None = None
+    moe_aux_loss_coef: float | None = None
 
 
 @dataclass
