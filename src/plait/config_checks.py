@@ -165,6 +165,7 @@ def check_moe_args(args: "ModelArgs") -> None:
 def validate_moe_layout(cfg: Config) -> None:
     """Mixture of experts and expert parallelism against the rest of the layout."""
     p, t = cfg.parallel, cfg.train
+    _require(p.ep_degree >= 1, f"parallel.ep_degree = {p.ep_degree} must be at least 1")
     experts = resolve_model_args(cfg.model).moe_experts
     if experts == 0:
         _require(p.ep_degree == 1, f"parallel.ep_degree = {p.ep_degree} spreads experts, but model.name = "

@@ -3,13 +3,19 @@
 Order and why:
 1. tensor (and sequence) parallelism first: it replaces parameters by DTensor shards on the `tp`
    axis, and everything after must see those shards;
+1b. expert parallelism next (plait.parallel.expert_parallel): it swaps each MoE block's experts
+   for this rank's shard and the all-to-all exchange, so checkpointing, compilation and FSDP
+   wrap the module that really runs (it does not combine with TP in this version);
 2. activation checkpointing wraps each block, so compilation (3) sees the recomputation
    boundary and compiles the block's inside once;
 3. torch.compile per block (not the whole model): blocks share code, so one compiled graph
    serves every layer, and a graph break stays local to a block;
 4. data parallelism last, over the data-parallel axes: FSDP2 (ZeRO-2/3, HSDP) must wrap the
    final modules and parameters; DDP (plain or with ZeRO-1's sharded optimizer) likewise, and
-   its gradient hooks then fire after any recomputation.
+   its gradient hooks then fire after any recomputation. Under expert parallelism the expert
+   weights get their own FSDP units first, over the ranks holding the same experts, and the
+   dense units then leave them alone. MoE layers also sum their router counts over the
+   data-parallel ranks (global balance loss) whenever there is data parallelism.
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ def apply_layout(model: nn.Module, train: TrainSection, parallel: ParallelSectio
         from plait.parallel.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(model, layout.submesh("tp"), parallel.sequence_parallel)
+    if degrees is not None and degrees.ep > 1:
+        from plait.parallel.expert_parallel import apply_expert_parallel
+
+        apply_expert_parallel(model, layout.ep_mesh()["ep"])
     if train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if train.compile:
@@ -39,9 +49,15 @@ def apply_layout(model: nn.Module, train: TrainSection, parallel: ParallelSectio
             block.compile()
     if degrees is None or degrees.dp == 1:
         return model
+    from plait.parallel.expert_parallel import apply_expert_fully_shard, apply_global_load_balance
+
+    apply_global_load_balance(model, layout.dp_group())  # no-op for a dense model
     if parallel.zero_stage >= 2:
         from plait.parallel.fully_shard import apply_fully_shard
 
+        if degrees.ep > 1:
+            expert_axes = ("dp_replicate", "ep_shard") if degrees.dp_replicate > 1 else ("ep_shard",)
+            apply_expert_fully_shard(model, layout.ep_mesh()[expert_axes if len(expert_axes) > 1 else expert_axes[0]], degrees.dp, parallel.zero_stage, parallel.mixed_precision)
         dp_axes = ("dp_replicate", "dp_shard") if degrees.dp_replicate > 1 else ("dp_shard",)
         apply_fully_shard(model, layout.submesh(*dp_axes), parallel.zero_stage, parallel.mixed_precision, parallel.cpu_offload)
         return model
@@ -55,5 +71,6 @@ def build_layout_optimizer(model: nn.Module, cfg: OptimSection, parallel: Parall
         return build_zero1_optimizer(model, cfg, layout.submesh("dp_shard"))
     # foreach kernels need every tensor of a group on one placement; tensor-parallel groups mix
     # sharded and replicated DTensors.
-    foreach = not (layout is not None and layout.degrees.tp > 1)
+    # Expert parallelism likewise mixes meshes (experts on the ep mesh, dense weights on dp_shard).
+    foreach = not (layout is not None and (layout.degrees.tp > 1 or layout.degrees.ep > 1))
     return build_optimizer(model, cfg, foreach=foreach)
