@@ -119,10 +119,14 @@ def apply_expert_fully_shard(model: nn.Module, expert_dp_mesh: DeviceMesh, dp_de
     kwargs: dict = {"mesh": expert_dp_mesh, "reshard_after_forward": zero_stage == 3}
     if mixed_precision:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    shard_ranks = expert_dp_mesh.size(expert_dp_mesh.ndim - 1)
     for moe in moe_layers(model):
         fully_shard(moe.experts, **kwargs)
         moe.experts.set_gradient_divide_factor(float(dp_degree))
-        moe.experts.set_force_sum_reduction_for_comms(True)
+        # Only with a real shard group: in PyTorch 2.13, with one shard rank FSDP divides in its
+        # single-rank copy and, when sum reduction is forced, again after it (gradients halved).
+        # With one shard rank no reduce-scatter runs, so there is no PREMUL_SUM to avoid.
+        moe.experts.set_force_sum_reduction_for_comms(shard_ranks > 1)
 
 
 def apply_global_load_balance(model: nn.Module, group) -> None:  # noqa: ANN001
