@@ -101,7 +101,7 @@ class MoE(nn.Module):
         # a rounding flip of near-tied logits would send a token elsewhere.
         logits_NX = F.linear(x_ND.float(), self.router.weight.float())
         probs_NX, weights_NK, experts_NK = route(logits_NX, self.top_k)
-        keep_NK = capacity_keep(experts_NK.view(b, t, -1), self.num_experts, self.capacity_factor).view(b * t, -1)
+        keep_NK = capacity_keep(experts_NK.view(b, t, -1), self.num_experts, self.capacity_factor).reshape(b * t, -1)
 
         # Balance loss (Switch; "Demons in the Detail"): X * sum_i f_i * P_i with f_i the share of
         # the assignments that chose expert i (before capacity), P_i the mean router probability.
