@@ -81,6 +81,18 @@ def test_moe_block_gets_gradients_everywhere():
     assert model.layers["0"].mlp.experts.gate_proj.shape == (4, 128, 64)  # stacked [experts, F, D]
 
 
+def test_moe_under_bf16_autocast_close_to_fp32():
+    model = materialize(build_model(DEBUG_MOE), "cpu", seed=0)
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = model(tokens)
+    half.float().sum().backward()  # the fp32 combine takes bf16 expert outputs
+    assert half.dtype == torch.bfloat16
+    assert (half.float() - full).abs().max().item() < 0.05 * full.abs().max().item()
+
+
 @pytest.mark.parametrize("name", ["debug-moe", "tiny-moe", "mixtral-8x7b"])
 def test_param_count_holds_every_expert(name):
     args = NAMED_SIZES[name].replace(vocab=NAMED_SIZES[name].vocab or 256)

@@ -127,9 +127,12 @@ class MoE(nn.Module):
         kept_counts_X = torch.bincount(expert_M, minlength=self.num_experts)
         y_MD = self.experts(x_ND[token_M], kept_counts_X)
         # Combine: each token sums its experts' outputs times the router weights; a dropped
-        # assignment adds nothing (the token passes through the residual connection only).
-        out_ND = torch.zeros_like(x_ND).index_add_(0, token_M, y_MD * weight_M[:, None].to(y_MD.dtype))
-        return out_ND.view(b, t, d)
+        # assignment adds nothing (the token passes through the residual connection only). The
+        # sum is in fp32 (the router weights are fp32; under autocast the experts' outputs are
+        # bf16), returned in the experts' dtype as a dense MLP would.
+        out_ND = torch.zeros(x_ND.shape, dtype=torch.float32, device=x_ND.device)
+        out_ND.index_add_(0, token_M, y_MD.float() * weight_M[:, None])
+        return out_ND.to(y_MD.dtype).view(b, t, d)
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
