@@ -56,8 +56,9 @@ def apply_layout(model: nn.Module, train: TrainSection, parallel: ParallelSectio
         from plait.parallel.fully_shard import apply_fully_shard
 
         if degrees.ep > 1:
-            expert_axes = ("dp_replicate", "ep_shard") if degrees.dp_replicate > 1 else ("ep_shard",)
-            apply_expert_fully_shard(model, layout.ep_mesh()[expert_axes if len(expert_axes) > 1 else expert_axes[0]], degrees.dp, parallel.zero_stage, parallel.mixed_precision)
+            # Over the ranks that hold the same experts: ep_shard (and the replicas).
+            expert_mesh = layout.ep_mesh()[("dp_replicate", "ep_shard") if degrees.dp_replicate > 1 else "ep_shard"]
+            apply_expert_fully_shard(model, expert_mesh, degrees.dp, parallel.zero_stage, parallel.mixed_precision)
         dp_axes = ("dp_replicate", "dp_shard") if degrees.dp_replicate > 1 else ("dp_shard",)
         apply_fully_shard(model, layout.submesh(*dp_axes), parallel.zero_stage, parallel.mixed_precision, parallel.cpu_offload)
         return model

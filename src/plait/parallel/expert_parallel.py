@@ -38,7 +38,7 @@ class _AllToAll(torch.autograd.Function):
     """all_to_all_single with uneven splits; its gradient is the reverse exchange."""
 
     @staticmethod
-    def forward(ctx, x_MD: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x_MD: torch.Tensor, output_splits: list[int], input_splits: list[int], group: dist.ProcessGroup) -> torch.Tensor:  # noqa: ANN001
         ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
         out_MD = x_MD.new_empty((sum(output_splits), *x_MD.shape[1:]))
         dist.all_to_all_single(out_MD, x_MD.contiguous(), output_splits, input_splits, group=group)
@@ -51,7 +51,7 @@ class _AllToAll(torch.autograd.Function):
         return out_MD, None, None, None
 
 
-def all_to_all(x_MD: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:  # noqa: ANN001
+def all_to_all(x_MD: torch.Tensor, output_splits: list[int], input_splits: list[int], group: dist.ProcessGroup) -> torch.Tensor:
     """Differentiable uneven all-to-all of rows: `input_splits[p]` rows go to rank p,
     `output_splits[p]` rows come from it."""
     return _AllToAll.apply(x_MD, output_splits, input_splits, group)
@@ -129,7 +129,7 @@ def apply_expert_fully_shard(model: nn.Module, expert_dp_mesh: DeviceMesh, dp_de
         moe.experts.set_force_sum_reduction_for_comms(shard_ranks > 1)
 
 
-def apply_global_load_balance(model: nn.Module, group) -> None:  # noqa: ANN001
+def apply_global_load_balance(model: nn.Module, group: dist.ProcessGroup | None) -> None:
     """Make every MoE layer's balance loss see the token counts of all data-parallel ranks: the
     per-expert counts (a few numbers per layer) are summed over `group` (None: all ranks) in
     each forward. See plait.model.moe for what stays local to a micro-batch."""
