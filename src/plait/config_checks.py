@@ -212,6 +212,12 @@ def validate_layout(cfg: Config, world_size: int | None) -> None:
     _require(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage = {p.zero_stage} must be 0, 1, 2 or 3")
     validate_moe_layout(cfg)
     degrees = resolve_degrees(p, world_size or 1) if world_size else None
+    if degrees is not None and (degrees.dp_shard * degrees.cp) % degrees.ep:
+        raise ConfigError(
+            f"parallel.ep_degree = {degrees.ep} must divide the data-parallel shard x context degrees, here "
+            f"{degrees.dp_shard} x {degrees.cp} with {world_size} worker(s); set parallel.dp_shard_degree to a "
+            f"multiple of {degrees.ep}, or run a multiple of {degrees.ep} workers"
+        )
     shard = degrees.dp_shard if degrees else p.dp_shard_degree
     if p.zero_stage and shard == 1:
         raise ConfigError(

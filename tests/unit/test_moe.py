@@ -137,6 +137,8 @@ def test_moe_config_errors(overrides, expected):
          "parallel.ep_degree = 2 spreads experts, but model.name = 'tiny' is dense"),
         (["--model.name=debug-moe", "--parallel.ep_degree=2", "--parallel.dp_shard_degree=3", "--parallel.zero_stage=3"], 3,
          "parallel.ep_degree = 2 must divide parallel.dp_shard_degree x cp_degree = 3 x 1"),
+        (["--model.name=debug-moe", "--parallel.ep_degree=2", "--parallel.dp_shard_degree=-1", "--parallel.zero_stage=3"], 3,
+         "parallel.ep_degree = 2 must divide the data-parallel shard x context degrees, here 3 x 1 with 3 worker(s)"),
         (["--model.name=debug-moe", "--parallel.ep_degree=8", "--parallel.dp_shard_degree=8", "--parallel.zero_stage=3"], 8,
          "parallel.ep_degree = 8 must divide model.moe_experts = 4"),
         (["--model.name=debug-moe", "--parallel.ep_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=1"], 2,
