@@ -63,6 +63,9 @@ MOE_LAYOUTS = {
     "moe-ddp2": (2, ["--parallel.dp_replicate_degree=2"]),
     "ep2": (2, EP2),
     "ep2-fsdp2": (4, ["--parallel.dp_shard_degree=4", "--parallel.zero_stage=3", "--parallel.ep_degree=2"]),
+    # Replicas too: expert gradients are summed over dp_replicate and divided by the whole dp degree.
+    "hsdp2x2-ep2": (4, ["--parallel.dp_replicate_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=3",
+                        "--parallel.ep_degree=2"]),
 }
 
 
