@@ -50,6 +50,14 @@ class ModelSection:
     # "hf:DIR": start from a Hugging Face Llama's weights instead of random ones (the shape above
     # must match it). A run that already has a checkpoint resumes from that instead.
     init_from: str = ""
+    # Mixture of experts (docs/model.md): experts per block (0: dense MLP), experts per token,
+    # expert SwiGLU width (unset: ffn_hidden), capacity factor (0: dropless) and the weight of
+    # the load-balancing loss. Unset: the named size's (debug-moe, tiny-moe, mixtral-8x7b).
+    moe_experts: int | None = None
+    moe_top_k: int | None = None
+    moe_ffn_hidden: int | None = None
+    moe_capacity_factor: float | None = None
+    moe_aux_loss_coef: float | None = None
 
 
 @dataclass

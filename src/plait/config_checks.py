@@ -143,14 +143,68 @@ def resolve_degrees(p: "ParallelSection", world_size: int) -> Degrees:
     return degrees
 
 
+def check_moe_args(args: "ModelArgs") -> None:
+    """Mixture-of-experts fields of the resolved shape (model.moe_*)."""
+    _require(args.moe_experts >= 0, f"model.moe_experts = {args.moe_experts} must be >= 0 (0: dense MLP)")
+    if args.moe_experts == 0:
+        return
+    _require(
+        1 <= args.moe_top_k <= args.moe_experts,
+        f"model.moe_top_k = {args.moe_top_k} must be between 1 and model.moe_experts = {args.moe_experts}",
+    )
+    _require(args.moe_ffn >= 1, f"model.moe_ffn_hidden = {args.moe_ffn_hidden} must be at least 1")
+    _require(
+        args.moe_capacity_factor >= 0,
+        f"model.moe_capacity_factor = {args.moe_capacity_factor} must be >= 0 (0: dropless; 1.25 is common)",
+    )
+    _require(args.moe_aux_loss_coef >= 0, f"model.moe_aux_loss_coef = {args.moe_aux_loss_coef} must be >= 0 (0: off; 0.01 is common)")
+    _require(
+        args.mlp == "swiglu",
+        f"model.mlp = {args.mlp!r} with model.moe_experts = {args.moe_experts}: experts are SwiGLU; "
+        f"set model.mlp = \"swiglu\" or model.moe_experts = 0",
+    )
+
+
+def validate_moe_layout(cfg: Config) -> None:
+    """Mixture of experts and expert parallelism against the rest of the layout."""
+    p, t = cfg.parallel, cfg.train
+    _require(p.ep_degree >= 1, f"parallel.ep_degree = {p.ep_degree} must be at least 1")
+    experts = resolve_model_args(cfg.model).moe_experts
+    if experts == 0:
+        _require(p.ep_degree == 1, f"parallel.ep_degree = {p.ep_degree} spreads experts, but model.name = "
+                 f"{cfg.model.name!r} is dense; use a mixture-of-experts model (model.name = \"debug-moe\", "
+                 f"\"tiny-moe\" or model.moe_experts > 0) or parallel.ep_degree = 1")
+        return
+    # Combinations not built (or not tested) in this version: refused, not silently wrong.
+    _require(p.tp_degree == 1, f"parallel.tp_degree = {p.tp_degree} with a mixture-of-experts model is not in this "
+             f"version of plait (the tensor-parallel plan covers dense MLPs only); set parallel.tp_degree = 1")
+    _require(p.pp_degree == 1, f"parallel.pp_degree = {p.pp_degree} with a mixture-of-experts model is not in this "
+             f"version of plait (the balance loss is collected outside the pipeline); set parallel.pp_degree = 1")
+    _require(not t.compile, "train.compile = true with a mixture-of-experts model is not in this version of plait "
+             "(data-dependent token counts per expert); set train.compile = false")
+    if p.ep_degree == 1:
+        return
+    _require(experts % p.ep_degree == 0, f"parallel.ep_degree = {p.ep_degree} must divide model.moe_experts = "
+             f"{experts} (each rank holds the same number of experts); valid: "
+             f"{[e for e in range(1, experts + 1) if experts % e == 0]}")
+    _require(p.cp_degree == 1, f"parallel.ep_degree = {p.ep_degree} with parallel.cp_degree = {p.cp_degree} is not in "
+             f"this version of plait (experts spread over context-parallel ranks is untested); set parallel.cp_degree = 1")
+    stage = _zero_stage_for(p.zero_stage, p.dp_shard_degree)
+    _require(stage in (2, 3), f"parallel.ep_degree = {p.ep_degree} needs parallel.zero_stage = 2 or 3, not "
+             f"{stage}: expert weights are sharded over the ep axis and FSDP averages the dense gradients "
+             f"(DDP and ZeRO-1 would average the expert shards too); set parallel.zero_stage = 3")
+    _require(not p.cpu_offload, "parallel.cpu_offload = true with parallel.ep_degree > 1 is not in this version of "
+             "plait; set parallel.cpu_offload = false")
+
+
 def validate_layout(cfg: Config, world_size: int | None) -> None:
     """Degrees against each other, the model, the batch and (when known) the number of workers."""
     p, t = cfg.parallel, cfg.train
-    for key in ("pp_degree", "ep_degree"):
+    for key in ("pp_degree",):
         value = getattr(p, key)
         _require(
             value == 1,
-            f"parallel.{key} = {value}: pipeline, context and expert parallelism are not in this version "
+            f"parallel.{key} = {value}: pipeline parallelism is not in this version "
             f"of plait; set parallel.{key} = 1",
         )
     if p.cp_degree != 1:
@@ -162,7 +216,14 @@ def validate_layout(cfg: Config, world_size: int | None) -> None:
             f"parallel.dp_shard_degree to a multiple of {p.ep_degree}"
         )
     _require(p.zero_stage in (-1, 0, 1, 2, 3), f"parallel.zero_stage = {p.zero_stage} must be -1 (auto), 0, 1, 2 or 3")
+    validate_moe_layout(cfg)
     degrees = resolve_degrees(p, world_size or 1) if world_size else None
+    if degrees is not None and (degrees.dp_shard * degrees.cp) % degrees.ep:
+        raise ConfigError(
+            f"parallel.ep_degree = {degrees.ep} must divide the data-parallel shard x context degrees, here "
+            f"{degrees.dp_shard} x {degrees.cp} with {world_size} worker(s); set parallel.dp_shard_degree to a "
+            f"multiple of {degrees.ep}, or run a multiple of {degrees.ep} workers"
+        )
     shard = degrees.dp_shard if degrees else p.dp_shard_degree
     stage = _zero_stage_for(p.zero_stage, shard)
     said = f"{p.zero_stage}" if p.zero_stage != -1 else f"-1 (auto: {stage})"
@@ -301,6 +362,8 @@ def resolve_model_args(m: ModelSection, tokenizer_vocab: int | None = None) -> "
         ("layers", "layers"), ("hidden", "hidden"), ("heads", "heads"), ("kv_heads", "kv_heads"),
         ("mlp", "mlp"), ("ffn_hidden", "ffn_hidden"), ("tie_embeddings", "tie_embeddings"),
         ("rope_theta", "rope_theta"), ("rope_scaling_factor", "rope_scaling_factor"), ("norm_eps", "norm_eps"),
+        ("moe_experts", "moe_experts"), ("moe_top_k", "moe_top_k"), ("moe_ffn_hidden", "moe_ffn_hidden"),
+        ("moe_capacity_factor", "moe_capacity_factor"), ("moe_aux_loss_coef", "moe_aux_loss_coef"),
     ):
         value = getattr(m, key)
         if value is not None:
@@ -328,6 +391,7 @@ def resolve_model_args(m: ModelSection, tokenizer_vocab: int | None = None) -> "
             f"model.kv_heads = {args.kv_heads} must divide model.heads = {args.heads} "
             f"(grouped-query attention); valid: {options}"
         )
+    check_moe_args(args)
 
     if m.vocab is not None:
         vocab = m.vocab

@@ -64,6 +64,71 @@ def test_layout_matches_single_process(name, reference, tmp_path):
     assert losses[-1] < losses[0] - 0.5  # and it trains
 
 
+# Mixture of experts: the reference is the single-process `debug-moe` model. One micro-batch per
+# rank and step (micro_batch_size 32 >= every rank's share): the balance loss's token fractions
+# are summed over the data-parallel ranks per micro-batch, so with one micro-batch they cover the
+# whole step in every layout, as in the single process (see docs/expert_parallel.md).
+MOE = ["--model.name=debug-moe", "--train.micro_batch_size=32"]
+EP2 = ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=3", "--parallel.ep_degree=2"]
+MOE_LAYOUTS = {
+    "moe-ddp2": (2, ["--parallel.dp_replicate_degree=2"]),
+    "ep2": (2, EP2),
+    "ep2-fsdp2": (4, ["--parallel.dp_shard_degree=4", "--parallel.zero_stage=3", "--parallel.ep_degree=2"]),
+    # Replicas too: expert gradients are summed over dp_replicate and divided by the whole dp degree.
+    "hsdp2x2-ep2": (4, ["--parallel.dp_replicate_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=3",
+                        "--parallel.ep_degree=2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def moe_reference(tmp_path_factory) -> tuple[Path, list[float]]:
+    """The single-process MoE run (checkpoints at steps 10 and 20, for the resume tests)."""
+    run_dir = tmp_path_factory.mktemp("single-moe")
+    return run_dir, run_layout(run_dir, 1, [*MOE, "--checkpoint.every=10"])
+
+
+@pytest.fixture(scope="module")
+def ep2_run(tmp_path_factory) -> tuple[Path, list[float]]:
+    run_dir = tmp_path_factory.mktemp("ep2")
+    return run_dir, run_layout(run_dir, 2, [*MOE, *EP2, "--checkpoint.every=10"])
+
+
+@pytest.mark.parametrize("name", list(MOE_LAYOUTS))
+def test_moe_layout_matches_single_process(name, moe_reference, request, tmp_path):
+    nproc, overrides = MOE_LAYOUTS[name]
+    losses = request.getfixturevalue("ep2_run")[1] if name == "ep2" else run_layout(tmp_path / name, nproc, [*MOE, *overrides])
+    assert_parity(moe_reference[1], losses)
+    assert losses[-1] < losses[0] - 0.5
+
+
+def _resume_from_step_10(run_dir: Path, nproc: int, overrides: list[str]) -> list[float]:
+    shutil.rmtree(run_dir / "checkpoints" / "step_20")
+    (run_dir / "checkpoints" / "latest").write_text("step_10\n")
+    (run_dir / "metrics.jsonl").unlink()
+    launch = ["--nproc-per-node", str(nproc)] if nproc > 1 else []
+    out = plait_cli("train", *launch, *BASE, f"--run.dir={run_dir}", *MOE, *overrides)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return train_losses(run_dir)
+
+
+def test_ep_checkpoint_resumes_as_single_process(moe_reference, ep2_run, tmp_path):
+    """Expert shards are gathered whole into the checkpoint: one process continues the EP run."""
+    run_dir = tmp_path / "ep2"
+    shutil.copytree(ep2_run[0], run_dir)
+    resumed = _resume_from_step_10(run_dir, 1, [])
+    assert len(resumed) == STEPS - 10
+    assert_parity(moe_reference[1][10:], resumed, first_rel=1e-4)
+
+
+def test_single_process_checkpoint_resumes_under_ep(moe_reference, tmp_path):
+    """And the other way: each EP rank restores its slice of the whole expert tensors."""
+    run_dir = tmp_path / "single"
+    shutil.copytree(moe_reference[0], run_dir)
+    resumed = _resume_from_step_10(run_dir, 2, EP2)
+    assert len(resumed) == STEPS - 10
+    assert_parity(moe_reference[1][10:], resumed, first_rel=1e-4)
+
+
 def test_bf16_mixed_precision_within_looser_bound(reference, tmp_path):
     """ZeRO-3 with bf16 parameters against the fp32 single process. bf16 keeps 8 bits of
     mantissa (relative rounding 2^-9 = 2e-3 per operation), so the first loss may move by a few

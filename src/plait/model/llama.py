@@ -1,5 +1,6 @@
 """A Llama-style decoder: RMSNorm, rotary embeddings (optional Llama-3 scaling), grouped-query
-attention through `scaled_dot_product_attention`, and a SwiGLU or GELU MLP.
+attention through `scaled_dot_product_attention`, and a SwiGLU or GELU MLP or a mixture of
+SwiGLU experts (`plait.model.moe`).
 
 The model knows nothing of distribution (no torch.distributed here): parallelisms are applied to
 it from outside (context parallelism swaps `Attention.attention_fn` and passes global positions). It is built on the meta device and then materialised with `materialize`, which
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plait.model.moe import MoE
 from plait.model.sizes import ModelArgs
 
 
@@ -163,7 +165,10 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(args.hidden, args.norm_eps)
         self.attn = Attention(args)
         self.mlp_norm = RMSNorm(args.hidden, args.norm_eps)
-        self.mlp = SwiGLU(args) if args.mlp == "swiglu" else GeluMLP(args)
+        if args.moe_experts > 0:
+            self.mlp: nn.Module = MoE(args)
+        else:
+            self.mlp = SwiGLU(args) if args.mlp == "swiglu" else GeluMLP(args)
 
     def forward(
         self, x_BTD: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor, cache: LayerCache | None = None
@@ -229,7 +234,8 @@ def init_weights(model: Transformer, seed: int) -> None:
         if name.endswith("norm.weight"):
             param.fill_(1.0)
             continue
-        std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else args.init_std
+        # MoE experts' stacked down projections (`experts.down_proj`) write into the residual too.
+        std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")) else args.init_std
         gen = torch.Generator(device="cpu").manual_seed(_param_seed(seed, name))
         values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
         param.copy_(values)

@@ -6,6 +6,9 @@ Order and why:
    context parallelism next: it only swaps each block's attention function for one that runs
    across the `cp` axis, so it must reach the bare blocks before checkpointing, compilation and
    data parallelism wrap them (recomputation then re-runs the ring or all-to-all too);
+   expert parallelism next (plait.parallel.expert_parallel): it swaps each MoE block's experts
+   for this rank's shard and the all-to-all exchange, so checkpointing, compilation and FSDP
+   wrap the module that really runs (it does not combine with TP in this version);
 2. activation checkpointing wraps each block, so compilation (3) sees the recomputation
    boundary and compiles the block's inside once;
 3. torch.compile per block (not the whole model): blocks share code, so one compiled graph
@@ -18,6 +21,9 @@ Order and why:
    With context parallelism the cp axis joins the data-parallel axes: its ranks hold the same
    parameters and see different tokens, so their gradients are averaged with the data-parallel
    ones (DDP over dp x cp; FSDP2 shards over dp_shard x cp, as torchtitan does).
+   Under expert parallelism the expert weights get their own FSDP units first, over the ranks
+   holding the same experts, and the dense units then leave them alone. MoE layers also sum
+   their router counts over the data-parallel ranks (global balance loss).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from plait.config import OptimSection, ParallelSection, TrainSection
 from plait.optim import build_optimizer
 from plait.parallel.activation_checkpoint import apply_activation_checkpointing
 from plait.parallel.data_parallel import apply_data_parallel
+from plait.parallel.expert_parallel import apply_expert_fully_shard, apply_expert_parallel, apply_global_load_balance, moe_layers
 from plait.parallel.mesh import Layout
 from plait.parallel.tensor_parallel import apply_tensor_parallel, clip_grad_norm_mixed
 from plait.parallel.zero1 import Zero1AdamW, build_zero1_optimizer
@@ -45,6 +52,8 @@ def apply_layout(model: nn.Module, train: TrainSection, parallel: ParallelSectio
         from plait.parallel.context_parallel import apply_context_parallel
 
         apply_context_parallel(model, layout.submesh("cp"), parallel.cp_method)
+    if degrees is not None and degrees.ep > 1:
+        apply_expert_parallel(model, layout.ep_mesh()["ep"])
     if train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if train.compile:
@@ -54,9 +63,15 @@ def apply_layout(model: nn.Module, train: TrainSection, parallel: ParallelSectio
     if degrees is None or degrees.dp * degrees.cp == 1:
         return model
     assert parallel.zero_stage in (0, 1, 2, 3), f"resolve zero_stage {parallel.zero_stage} first (config.with_resolved_zero_stage)"
+    if degrees.dp > 1 and moe_layers(model):
+        apply_global_load_balance(model, layout.dp_group())
     if parallel.zero_stage >= 2:
         from plait.parallel.fully_shard import apply_fully_shard
 
+        if degrees.ep > 1:
+            # Over the ranks that hold the same experts: ep_shard (and the replicas).
+            expert_mesh = layout.ep_mesh()[("dp_replicate", "ep_shard") if degrees.dp_replicate > 1 else "ep_shard"]
+            apply_expert_fully_shard(model, expert_mesh, degrees.dp, parallel.zero_stage, parallel.mixed_precision)
         dp_axes = ("dp_replicate", "dp_shard") if degrees.dp_replicate > 1 else ("dp_shard",)
         mesh = layout.submesh(*dp_axes) if degrees.cp == 1 else layout.flat_mesh("dp_shard", "cp")
         apply_fully_shard(model, mesh, parallel.zero_stage, parallel.mixed_precision, parallel.cpu_offload)
@@ -82,7 +97,8 @@ def build_layout_optimizer(model: nn.Module, cfg: OptimSection, parallel: Parall
         return build_zero1_optimizer(model, cfg, shard, replicate, tp)
     # foreach kernels need every tensor of a group on one placement; tensor-parallel groups mix
     # sharded and replicated DTensors.
-    foreach = not (layout is not None and layout.degrees.tp > 1)
+    # Expert parallelism likewise mixes meshes (experts on the ep mesh, dense weights on dp_shard).
+    foreach = not (layout is not None and (layout.degrees.tp > 1 or layout.degrees.ep > 1))
     return build_optimizer(model, cfg, foreach=foreach)
 
 

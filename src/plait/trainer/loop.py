@@ -34,6 +34,7 @@ from plait.parallel.data_parallel import gradient_sync
 from plait.parallel.distributed import DistInfo, barrier, init_distributed, launched_world_size, mean_across_ranks, shutdown
 from plait.trainer.metrics import MetricsLogger
 from plait.trainer.progress import ProgressDisplay, human
+from plait.trainer.router_metrics import RouterMetrics
 from plait.trainer.setup import config_lines, derive, memory_bytes, pick_device, resolved_config, write_run_config
 
 
@@ -182,8 +183,9 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
         barrier(dist_info)
 
     # The layout's clipping (apply.py): torch's cannot mix plain and DTensor gradients, as tensor
-    # parallelism does, and ZeRO-1 holds the averaged gradients in its optimizer.
-    clip_grad_norm = build_grad_clipper(model, optimizer, tp)
+    # parallelism and expert parallelism (experts on the ep mesh) do, and ZeRO-1 holds the averaged gradients in its optimizer.
+    clip_grad_norm = build_grad_clipper(model, optimizer, tp or layout.degrees.ep > 1)
+    router = RouterMetrics(module)  # mixture of experts: balance loss and router statistics
     loss_sum = torch.zeros((), device=device)  # summed on device; read only when logging
     logged_steps, last_loss, val_loss = 0, None, None
     window_start, window_tokens = time.perf_counter(), 0
@@ -198,8 +200,11 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
         for i, micro in enumerate(micro_batches):
             with gradient_sync(model, last_micro_batch=i == len(micro_batches) - 1), loss_parallel_context(tp):
                 loss = lm_loss(model, micro, autocast, cp) / derived.accumulation_steps
-                loss.backward()
+                aux = router.aux_loss()
+                aux = aux / derived.accumulation_steps if aux is not None else None
+                (loss + aux if aux is not None else loss).backward()
             loss_sum += loss.detach()
+            router.observe(aux)
         grad_norm = clip_grad_norm(o.grad_clip) if o.grad_clip > 0 else None
         if isinstance(grad_norm, DTensor):  # sharded gradients: the norm is a DTensor too
             grad_norm = grad_norm.full_tensor()
@@ -208,6 +213,7 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
         tokens_seen += derived.tokens_per_step
         window_tokens += derived.tokens_per_step
         logged_steps += 1
+        router.end_step()
 
         if step % t.log_every == 0 or step == t.steps:
             last_loss = mean_across_ranks(loss_sum, dist_info).item() / logged_steps
@@ -220,6 +226,7 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
                 record["grad_norm"] = grad_norm.item()
             if mfu is not None:
                 record["mfu"] = mfu / dist_info.world_size  # per-GPU utilisation
+            record.update(router.window_record(dist_info))  # MoE only: aux_loss, moe_load_max, moe_drop_rate
             if metrics is not None:
                 metrics.log("train", step, **record)
             progress.update(step, last_loss, tokens_per_s, mfu, mem)

@@ -79,6 +79,11 @@ def resolved_config(cfg: Config, args: ModelArgs) -> Config:
         mlp=args.mlp, ffn_hidden=args.ffn, vocab=args.vocab, tie_embeddings=args.tie_embeddings,
         rope_theta=args.rope_theta, rope_scaling_factor=args.rope_scaling_factor, norm_eps=args.norm_eps,
     )
+    if args.moe_experts > 0:  # dense runs keep these unset
+        model = dataclasses.replace(
+            model, moe_experts=args.moe_experts, moe_top_k=args.moe_top_k, moe_ffn_hidden=args.moe_ffn,
+            moe_capacity_factor=args.moe_capacity_factor, moe_aux_loss_coef=args.moe_aux_loss_coef,
+        )
     return dataclasses.replace(cfg, model=model)
 
 
