@@ -143,7 +143,7 @@ def resolve_degrees(p: "ParallelSection", world_size: int) -> Degrees:
 def validate_layout(cfg: Config, world_size: int | None) -> None:
     """Degrees against each other, the model, the batch and (when known) the number of workers."""
     p, t = cfg.parallel, cfg.train
-    for key in ("pp_degree", "cp_degree", "ep_degree"):
+    for key in ("cp_degree", "ep_degree"):
         value = getattr(p, key)
         _require(
             value == 1,
@@ -196,6 +196,8 @@ def validate_layout(cfg: Config, world_size: int | None) -> None:
             f"(FSDP over the data-parallel axes): DDP and ZeRO-1 do not yet handle tensor-parallel (DTensor) "
             f"parameters in plait; set parallel.zero_stage = 3 and parallel.dp_shard_degree > 1"
         )
+    if p.pp_degree > 1:
+        _check_pipeline(cfg, degrees)
     if degrees is None:
         return
     sequences = t.global_batch_tokens // t.seq_len
@@ -216,6 +218,36 @@ def validate_layout(cfg: Config, world_size: int | None) -> None:
             f"train.micro_batch_size = {options[-1]} or train.global_batch_tokens = "
             f"{math.ceil(per_rank / micro) * micro * dp * t.seq_len}"
         )
+
+
+def _check_pipeline(cfg: Config, degrees: Degrees | None) -> None:
+    """Pipeline rules (the stage split, the schedule's micro-batch needs) and what it composes with."""
+    from plait.parallel.pipeline_plan import pipeline_problems
+
+    p, t = cfg.parallel, cfg.train
+    dp_total = degrees.dp if degrees else max(p.dp_replicate_degree, 1) * max(p.dp_shard_degree, 1)
+    if (dp_total > 1 or -1 in (p.dp_shard_degree, p.dp_replicate_degree)) and p.zero_stage < 2:
+        raise ConfigError(
+            f"parallel.pp_degree = {p.pp_degree} with data parallelism needs parallel.zero_stage = 2 or 3 "
+            f"(FSDP on each stage over the data-parallel axes): DDP and ZeRO-1 are not wired into pipeline "
+            f"stages in plait; set parallel.zero_stage = 3 and parallel.dp_shard_degree > 1"
+        )
+    _require(
+        not (t.compile and p.pp_schedule == "zero-bubble"),
+        "train.compile = true with parallel.pp_schedule = \"zero-bubble\": PyTorch's zero-bubble schedules split "
+        "the backward into input and weight parts, which compiled blocks do not support; set train.compile = false "
+        "or another parallel.pp_schedule",
+    )
+    per_rank = None
+    if degrees is not None:
+        sequences = t.global_batch_tokens // t.seq_len
+        per_rank = sequences // degrees.dp if sequences % degrees.dp == 0 else None
+    micro = micro_batch_size(t, degrees.dp) if degrees is not None else t.micro_batch_size
+    problems = pipeline_problems(
+        resolve_model_args(cfg.model), p.pp_degree, p.pp_schedule, p.pp_microbatches, p.pp_virtual_stages, per_rank, micro
+    )
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def micro_batch_size(t: "TrainSection", dp: int) -> int:

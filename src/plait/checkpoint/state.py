@@ -23,6 +23,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
+from plait.checkpoint.pipeline_state import (
+    gather_pipeline_model,
+    gather_pipeline_optimizer,
+    is_pipelined,
+    stage_model_tensors,
+    stage_optimizer_state,
+)
+
 Tensors = dict[str, torch.Tensor]
 
 
@@ -32,6 +40,8 @@ def _options(distributed: bool) -> StateDictOptions:
 
 
 def gather_model(model: nn.Module, distributed: bool) -> Tensors:
+    if is_pipelined(model):  # each stage's ranks hold part of the model: merged on rank 0
+        return gather_pipeline_model(model)
     state = get_model_state_dict(model, options=_options(distributed))
     return {name: t.detach().contiguous().clone() for name, t in state.items()}
 
@@ -47,6 +57,8 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str
 def gather_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, distributed: bool, is_main: bool) -> tuple[Tensors, list[dict[str, Any]]]:
     """Optimizer state as "<param>::<key>" tensors plus the groups' hyperparameters (with the
     names of their parameters), on rank 0; empty elsewhere."""
+    if is_pipelined(model):
+        return gather_pipeline_optimizer(model, optimizer)
     if isinstance(optimizer, ZeroRedundancyOptimizer):
         optimizer.consolidate_state_dict(to=0)
         if not is_main:
@@ -66,6 +78,8 @@ def gather_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, distrib
 
 
 def scatter_model(model: nn.Module, tensors: Tensors, distributed: bool) -> None:
+    if is_pipelined(model):  # this rank's stages take their own entries of the whole state
+        tensors = stage_model_tensors(model, tensors)
     set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=distributed))
 
 
@@ -74,6 +88,8 @@ def scatter_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, tensor
     for key, value in tensors.items():
         name, field = key.split("::", 1)
         per_param.setdefault(name, {})[field] = value
+    if is_pipelined(model):
+        per_param, groups = stage_optimizer_state(model, per_param, groups)
     if isinstance(optimizer, ZeroRedundancyOptimizer):
         names = _param_names(model, optimizer)
         index = {name: i for i, name in enumerate(names)}

@@ -1,6 +1,8 @@
 """The one place that transforms the model for training, in a fixed order.
 
 Order and why:
+0. the pipeline split first (`pp_degree > 1`): every other parallelism applies to the stage
+   modules, so the layers of other stages are deleted before anything shards or wraps them;
 1. tensor (and sequence) parallelism first: it replaces parameters by DTensor shards on the `tp`
    axis, and everything after must see those shards;
 2. activation checkpointing wraps each block, so compilation (3) sees the recomputation
@@ -27,6 +29,10 @@ from plait.parallel.mesh import Layout
 def apply_layout(model: nn.Module, train: TrainSection, parallel: ParallelSection | None = None, layout: Layout | None = None) -> nn.Module:
     """The model to train: `model` itself transformed in place, or a DDP wrapper around it."""
     degrees = layout.degrees if layout is not None else None
+    if degrees is not None and degrees.pp > 1:
+        from plait.parallel.pipeline_parallel import split_for_rank
+
+        split_for_rank(model, layout, parallel.pp_virtual_stages, train.seq_len)
     if degrees is not None and degrees.tp > 1:
         from plait.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -41,9 +47,12 @@ def apply_layout(model: nn.Module, train: TrainSection, parallel: ParallelSectio
         return model
     if parallel.zero_stage >= 2:
         from plait.parallel.fully_shard import apply_fully_shard
+        from plait.parallel.pipeline_parallel import pipeline_chunks
 
         dp_axes = ("dp_replicate", "dp_shard") if degrees.dp_replicate > 1 else ("dp_shard",)
-        apply_fully_shard(model, layout.submesh(*dp_axes), parallel.zero_stage, parallel.mixed_precision, parallel.cpu_offload)
+        # Each pipeline chunk is a root the schedule calls, so each is sharded as a model of its own.
+        for target in pipeline_chunks(model):
+            apply_fully_shard(target, layout.submesh(*dp_axes), parallel.zero_stage, parallel.mixed_precision, parallel.cpu_offload)
         return model
     return apply_data_parallel(model, layout.dp_group())
 
