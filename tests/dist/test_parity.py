@@ -25,6 +25,22 @@ def reference(tmp_path_factory) -> list[float]:
     return run_layout(tmp_path_factory.mktemp("single"), 1, [])
 
 
+@pytest.fixture(scope="module")
+def reference_with(tmp_path_factory):
+    """Single-process curves of the debug model with extra overrides (e.g. more layers), each
+    run once per module: `reference_with(("--model.layers=4",))`."""
+    curves: dict[tuple[str, ...], list[float]] = {}
+
+    def get(overrides: tuple[str, ...]) -> list[float]:
+        if overrides not in curves:
+            curves[overrides] = run_layout(tmp_path_factory.mktemp("single-variant"), 1, list(overrides))
+        return curves[overrides]
+
+    return get
+
+
+# Layouts whose model differs from the default debug model: compared with a single process of the
+# same model (the overrides that start with --model.).
 LAYOUTS = {
     "ddp2": (2, ["--parallel.dp_replicate_degree=2"]),
     "ddp2-fill": (2, ["--parallel.dp_replicate_degree=-1"]),
@@ -42,14 +58,25 @@ LAYOUTS = {
     "fsdp2-tp2-activation-checkpointing": (4, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=3",
                                                "--parallel.tp_degree=2", "--train.activation_checkpointing=true"]),
     "zero3-x2-compile": (2, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=3", "--train.compile=true"]),
+    "pp2-gpipe": (2, ["--parallel.pp_degree=2", "--parallel.pp_schedule=gpipe"]),
+    "pp2-1f1b": (2, ["--parallel.pp_degree=2", "--parallel.pp_schedule=1f1b"]),
+    "pp2-interleaved-1f1b": (2, ["--parallel.pp_degree=2", "--parallel.pp_schedule=interleaved-1f1b",
+                                 "--parallel.pp_virtual_stages=2", "--model.layers=4"]),
+    "pp2-zero-bubble": (2, ["--parallel.pp_degree=2", "--parallel.pp_schedule=zero-bubble"]),
+    "pp2-fsdp2": (4, ["--parallel.pp_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=3",
+                      "--parallel.pp_microbatches=2"]),
+    "pp2-tp2": (4, ["--parallel.pp_degree=2", "--parallel.tp_degree=2"]),
+    "fsdp2-pp2-tp2": (8, ["--parallel.pp_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=3",
+                          "--parallel.tp_degree=2", "--parallel.pp_microbatches=2"]),
 }
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(name, reference, tmp_path):
+def test_layout_matches_single_process(name, reference, reference_with, tmp_path):
     nproc, overrides = LAYOUTS[name]
+    model_overrides = tuple(x for x in overrides if x.startswith("--model."))
     losses = run_layout(tmp_path / name, nproc, overrides)
-    assert_parity(reference, losses)
+    assert_parity(reference_with(model_overrides) if model_overrides else reference, losses)
     assert losses[-1] < losses[0] - 0.5  # and it trains
 
 
