@@ -104,6 +104,32 @@ def test_ddp_checkpoint_resumes_as_single_process(reference, tmp_path):
     assert_parity(reference[10:], resumed, first_rel=1e-4)
 
 
+def test_pipeline_checkpoint_resumes_across_layouts(reference, tmp_path):
+    """A pipeline (pp 2) checkpoint resumes in one process on the same curve, and a checkpoint
+    that single process writes resumes under the pipeline again: the files are layout-free and
+    each stage gets back its own parameters and optimizer state."""
+    run_dir = tmp_path / "resume-pp"
+    run_layout(run_dir, 2, ["--parallel.pp_degree=2", "--checkpoint.every=10"])
+    shutil.rmtree(run_dir / "checkpoints" / "step_20")
+    (run_dir / "checkpoints" / "latest").write_text("step_10\n")
+    (run_dir / "metrics.jsonl").unlink()
+    out = plait_cli("train", *BASE, f"--run.dir={run_dir}", "--checkpoint.every=5")
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed = train_losses(run_dir)
+    assert len(resumed) == STEPS - 10
+    assert_parity(reference[10:], resumed, first_rel=1e-4)
+
+    shutil.rmtree(run_dir / "checkpoints" / "step_20")
+    (run_dir / "checkpoints" / "latest").write_text("step_15\n")  # written by the single process
+    (run_dir / "metrics.jsonl").unlink()
+    out = plait_cli("train", "--nproc-per-node", "2", *BASE, f"--run.dir={run_dir}", "--parallel.pp_degree=2",
+                    "--parallel.pp_schedule=gpipe")
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed = train_losses(run_dir)
+    assert len(resumed) == STEPS - 15
+    assert_parity(reference[15:], resumed, first_rel=1e-4)
+
+
 def test_layout_errors_before_any_worker(tmp_path):
     out = plait_cli("train", "--nproc-per-node", "2", "--parallel.dp_replicate_degree=4", f"--run.dir={tmp_path}", timeout=120)
     assert out.returncode == 2
