@@ -7,6 +7,7 @@ ranks instead of accumulation on one), which moves the loss by ~1e-7 per step.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -113,21 +114,31 @@ def test_pipeline_checkpoint_resumes_across_layouts(reference, tmp_path):
     shutil.rmtree(run_dir / "checkpoints" / "step_20")
     (run_dir / "checkpoints" / "latest").write_text("step_10\n")
     (run_dir / "metrics.jsonl").unlink()
-    out = plait_cli("train", *BASE, f"--run.dir={run_dir}", "--checkpoint.every=5")
+    out = plait_cli("train", *BASE, f"--run.dir={run_dir}", "--checkpoint.every=5", "--train.eval_every=10")
     assert out.returncode == 0, out.stderr[-3000:]
     resumed = train_losses(run_dir)
     assert len(resumed) == STEPS - 10
     assert_parity(reference[10:], resumed, first_rel=1e-4)
+    single_val = val_losses(run_dir)[-1]
 
     shutil.rmtree(run_dir / "checkpoints" / "step_20")
     (run_dir / "checkpoints" / "latest").write_text("step_15\n")  # written by the single process
     (run_dir / "metrics.jsonl").unlink()
     out = plait_cli("train", "--nproc-per-node", "2", *BASE, f"--run.dir={run_dir}", "--parallel.pp_degree=2",
-                    "--parallel.pp_schedule=gpipe")
+                    "--parallel.pp_schedule=gpipe", "--train.eval_every=10", "--train.sample_tokens=8")
     assert out.returncode == 0, out.stderr[-3000:]
     resumed = train_losses(run_dir)
     assert len(resumed) == STEPS - 15
     assert_parity(reference[15:], resumed, first_rel=1e-4)
+    # Evaluation under the pipeline (on gathered weights) gives the single process's number.
+    assert abs(val_losses(run_dir)[-1] - single_val) <= 1e-4 * single_val
+    samples = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "sample"]
+    assert samples and samples[-1]["text"].startswith("def ")  # the end-of-run sample from gathered weights
+
+
+def val_losses(run_dir: Path) -> list[float]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [x["val_loss"] for x in lines if x["kind"] == "val"]
 
 
 def test_layout_errors_before_any_worker(tmp_path):
