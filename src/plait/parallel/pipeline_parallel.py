@@ -93,7 +93,7 @@ def split_for_rank(model: Transformer, layout: Layout, virtual_stages: int, seq_
         model.output = None
     others = [axis for axis in ("dp_replicate", "dp_shard", "cp", "tp") if layout.coordinate(axis) != 0]
     info = RankStages(plan, pp_rank, stage_ids, layout.submesh("pp").get_group(), representative=not others)
-    object.__setattr__(model, _ATTR, info)
+    setattr(model, _ATTR, info)  # survives FSDP's in-place class swap (the instance dict is kept)
     return plan
 
 

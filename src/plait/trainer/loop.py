@@ -156,6 +156,8 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     )
     for line in config_lines(cfg):
         progress.print(line)
+    if pipeline is not None:
+        progress.print(f"pipeline: {cfg.parallel.pp_schedule}, {derived.accumulation_steps} micro-batches per step; {pipeline.info.plan.describe()}")
     peak = peak_flops(torch.cuda.get_device_name(device), derived.dtype) if device.type == "cuda" else None
     metrics = MetricsLogger(run_dir, cfg.run.tensorboard) if main else None
 
