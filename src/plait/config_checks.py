@@ -200,13 +200,6 @@ def validate_moe_layout(cfg: Config) -> None:
 def validate_layout(cfg: Config, world_size: int | None) -> None:
     """Degrees against each other, the model, the batch and (when known) the number of workers."""
     p, t = cfg.parallel, cfg.train
-    for key in ("pp_degree",):
-        value = getattr(p, key)
-        _require(
-            value == 1,
-            f"parallel.{key} = {value}: pipeline parallelism is not in this version "
-            f"of plait; set parallel.{key} = 1",
-        )
     if p.cp_degree != 1:
         _validate_context_parallel(cfg)
     if p.ep_degree > 1 and p.dp_shard_degree != -1 and (p.dp_shard_degree * p.cp_degree) % p.ep_degree:
@@ -258,6 +251,8 @@ def validate_layout(cfg: Config, world_size: int | None) -> None:
         )
         if problems:
             raise ConfigError("; ".join(problems))
+    if p.pp_degree > 1:
+        _check_pipeline(cfg, degrees)
     if degrees is None:
         return
     sequences = t.global_batch_tokens // t.seq_len
@@ -338,6 +333,37 @@ def _validate_context_parallel(cfg: Config) -> None:
     )
     for bad, what, fix in refused:
         _require(not bad, f"parallel.cp_degree = {p.cp_degree} with {what} is not supported in this version: {fix}")
+
+
+def _check_pipeline(cfg: Config, degrees: Degrees | None) -> None:
+    """Pipeline rules (the stage split, the schedule's micro-batch needs) and what it composes with."""
+    from plait.parallel.pipeline_plan import pipeline_problems
+
+    p, t = cfg.parallel, cfg.train
+    dp_total = degrees.dp if degrees else max(p.dp_replicate_degree, 1) * max(p.dp_shard_degree, 1)
+    stage = _zero_stage_for(p.zero_stage, degrees.dp_shard if degrees else p.dp_shard_degree)
+    if (dp_total > 1 or -1 in (p.dp_shard_degree, p.dp_replicate_degree)) and stage < 2:
+        raise ConfigError(
+            f"parallel.pp_degree = {p.pp_degree} with data parallelism needs parallel.zero_stage = 2 or 3 "
+            f"(FSDP on each stage over the data-parallel axes): DDP and ZeRO-1 are not wired into pipeline "
+            f"stages in plait; set parallel.zero_stage = 3 and parallel.dp_shard_degree > 1"
+        )
+    _require(
+        not (t.compile and p.pp_schedule == "zero-bubble"),
+        "train.compile = true with parallel.pp_schedule = \"zero-bubble\": PyTorch's zero-bubble schedules split "
+        "the backward into input and weight parts, which compiled blocks do not support; set train.compile = false "
+        "or another parallel.pp_schedule",
+    )
+    per_rank = None
+    if degrees is not None:
+        sequences = t.global_batch_tokens // t.seq_len
+        per_rank = sequences // degrees.dp if sequences % degrees.dp == 0 else None
+    micro = micro_batch_size(t, degrees.dp) if degrees is not None else t.micro_batch_size
+    problems = pipeline_problems(
+        resolve_model_args(cfg.model), p.pp_degree, p.pp_schedule, p.pp_microbatches, p.pp_virtual_stages, per_rank, micro
+    )
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def micro_batch_size(t: "TrainSection", dp: int) -> int:

@@ -45,7 +45,6 @@ def test_overrides_both_forms_and_types():
         ("--train.global_batch_tokens=1000", "is not a multiple of train.seq_len = 256; use 768"),
         ("--train.micro_batch_size=5", "set train.micro_batch_size = 4"),
         ("--data.val_fraction=0.9", "data.val_fraction = 0.9 must be in [0, 0.5)"),
-        ("--parallel.pp_degree=2", "parallel.pp_degree = 2: pipeline parallelism is not"),
         ("--parallel.zero_stage=3", "parallel.zero_stage = 3 shards over the data-parallel shard axis, but parallel.dp_shard_degree = 1"),
         ("--parallel.dp_shard_degree=2 --parallel.zero_stage=0", "parallel.dp_shard_degree = 2 needs a ZeRO stage"),
         ("--parallel.zero_stage=5", "parallel.zero_stage = 5 must be -1 (auto), 0, 1, 2 or 3"),

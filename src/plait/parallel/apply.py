@@ -1,6 +1,8 @@
 """The one place that transforms the model for training, in a fixed order.
 
 Order and why:
+0. the pipeline split first (`pp_degree > 1`): every other parallelism applies to the stage
+   modules, so the layers of other stages are deleted before anything shards or wraps them;
 1. tensor (and sequence) parallelism first: it replaces parameters by DTensor shards on the `tp`
    axis, and everything after must see those shards;
    context parallelism next: it only swaps each block's attention function for one that runs
@@ -46,6 +48,10 @@ from plait.parallel.zero1 import Zero1AdamW, build_zero1_optimizer
 def apply_layout(model: nn.Module, train: TrainSection, parallel: ParallelSection | None = None, layout: Layout | None = None) -> nn.Module:
     """The model to train: `model` itself transformed in place, or a DDP wrapper around it."""
     degrees = layout.degrees if layout is not None else None
+    if degrees is not None and degrees.pp > 1:
+        from plait.parallel.pipeline_parallel import split_for_rank
+
+        split_for_rank(model, layout, parallel.pp_virtual_stages, train.seq_len)
     if degrees is not None and degrees.tp > 1:
         apply_tensor_parallel(model, layout.submesh("tp"), parallel.sequence_parallel)
     if degrees is not None and degrees.cp > 1:
@@ -67,6 +73,7 @@ def apply_layout(model: nn.Module, train: TrainSection, parallel: ParallelSectio
         apply_global_load_balance(model, layout.dp_group())
     if parallel.zero_stage >= 2:
         from plait.parallel.fully_shard import apply_fully_shard
+        from plait.parallel.pipeline_parallel import pipeline_chunks
 
         if degrees.ep > 1:
             # Over the ranks that hold the same experts: ep_shard (and the replicas).
@@ -74,7 +81,9 @@ def apply_layout(model: nn.Module, train: TrainSection, parallel: ParallelSectio
             apply_expert_fully_shard(model, expert_mesh, degrees.dp, parallel.zero_stage, parallel.mixed_precision)
         dp_axes = ("dp_replicate", "dp_shard") if degrees.dp_replicate > 1 else ("dp_shard",)
         mesh = layout.submesh(*dp_axes) if degrees.cp == 1 else layout.flat_mesh("dp_shard", "cp")
-        apply_fully_shard(model, mesh, parallel.zero_stage, parallel.mixed_precision, parallel.cpu_offload)
+        # Each pipeline chunk is a root the schedule calls, so each is sharded as a model of its own.
+        for target in pipeline_chunks(model):
+            apply_fully_shard(target, mesh, parallel.zero_stage, parallel.mixed_precision, parallel.cpu_offload)
         return model
     if _optimizer_averages_gradients(parallel, layout):
         return model

@@ -104,7 +104,7 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     tp = layout.degrees.tp > 1
     # Parameters split over ranks: forwards need every rank, so the final sample uses a gathered copy
     # (so does context parallelism, whose attention expects a sequence spread over the cp ranks).
-    sharded = tp or cfg.parallel.zero_stage >= 2 or layout.degrees.cp > 1
+    sharded = tp or cfg.parallel.zero_stage >= 2 or layout.degrees.cp > 1 or layout.degrees.pp > 1
     run_dir = cfg.run_dir
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -128,6 +128,11 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     model = apply_layout(module, t, cfg.parallel, layout)
     optimizer = build_layout_optimizer(model, o, cfg.parallel, layout)
     cp = context_sharding(layout.submesh("cp"), cfg.parallel.cp_method) if layout.degrees.cp > 1 else None
+    pipeline = None
+    if layout.degrees.pp > 1:  # `model` is this rank's stages; the schedule runs every micro-batch of a step
+        from plait.parallel.pipeline_parallel import Pipeline
+
+        pipeline = Pipeline(model, cfg.parallel.pp_schedule, derived.accumulation_steps, device, tp, autocast_for(device, derived.dtype))
     loader = TrainLoader(
         data.train, t.seq_len, derived.sequences_per_step, dp_rank=layout.dp_rank(), dp_degree=dp, seed=cfg.run.seed
     )
@@ -167,6 +172,8 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     )
     for line in config_lines(cfg):
         progress.print(line)
+    if pipeline is not None:
+        progress.print(f"pipeline: {cfg.parallel.pp_schedule}, {derived.accumulation_steps} micro-batches per step; {pipeline.info.plan.describe()}")
     peak = peak_flops(torch.cuda.get_device_name(device), derived.dtype) if device.type == "cuda" else None
     metrics = MetricsLogger(run_dir, cfg.run.tensorboard) if main else None
 
@@ -186,6 +193,8 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     # parallelism and expert parallelism (experts on the ep mesh) do, and ZeRO-1 holds the averaged gradients in its optimizer.
     clip_grad_norm = build_grad_clipper(model, optimizer, tp or layout.degrees.ep > 1)
     router = RouterMetrics(module)  # mixture of experts: balance loss and router statistics
+    if pipeline is not None:  # the norm of the whole model: summed over the stages
+        clip_grad_norm = lambda max_norm: pipeline.clip_grad_norm(model.parameters(), max_norm)  # noqa: E731
     loss_sum = torch.zeros((), device=device)  # summed on device; read only when logging
     logged_steps, last_loss, val_loss = 0, None, None
     window_start, window_tokens = time.perf_counter(), 0
@@ -196,7 +205,9 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
             group["lr"] = lr
 
         batch = loader.next_batch().to(device, non_blocking=True)
-        micro_batches = batch.split(derived.micro_batch_size)
+        micro_batches = batch.split(derived.micro_batch_size) if pipeline is None else ()
+        if pipeline is not None:
+            loss_sum += pipeline.train_step(batch)
         for i, micro in enumerate(micro_batches):
             with gradient_sync(model, last_micro_batch=i == len(micro_batches) - 1), loss_parallel_context(tp):
                 loss = lm_loss(model, micro, autocast, cp) / derived.accumulation_steps
@@ -242,7 +253,12 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
         paused = False
         if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
             # Every replica evaluates the same batches with the same weights: same number.
-            val_loss = evaluate(module, data.val, cfg, device, derived.dtype, cp)
+            if pipeline is not None:  # stages hold parts of the model: evaluate a gathered copy
+                from plait.trainer.pipeline_eval import evaluate_gathered
+
+                val_loss = evaluate_gathered(model, args, data.val, cfg, device, derived.dtype, main)
+            else:
+                val_loss = evaluate(module, data.val, cfg, device, derived.dtype, cp)
             if metrics is not None:
                 metrics.log("val", step, tokens=tokens_seen, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
             progress.print(f"step {step}: val_loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})")

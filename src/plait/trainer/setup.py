@@ -57,6 +57,10 @@ def derive(cfg: Config, args: ModelArgs, device: torch.device, dp_degree: int = 
     t = cfg.train
     sequences = t.global_batch_tokens // t.seq_len
     micro = micro_batch_size(t, dp_degree)
+    if cfg.parallel.pp_degree > 1:  # the pipeline's micro-batch count (parallel.pp_microbatches) sets the split
+        from plait.parallel.pipeline_plan import pipeline_microbatches
+
+        micro = sequences // dp_degree // pipeline_microbatches(cfg.parallel.pp_microbatches, sequences // dp_degree, micro)
     accumulation = sequences // (micro * dp_degree)
     return Derived(
         tokens_per_step=t.global_batch_tokens,
