@@ -67,7 +67,6 @@ LAYOUTS = {
     "cp2-ulysses": (2, ["--parallel.cp_degree=2", "--parallel.cp_method=ulysses"]),
     "cp2-ring-activation-checkpointing": (2, ["--parallel.cp_degree=2", "--train.activation_checkpointing=true"]),
     "cp2-ring-compile": (2, ["--parallel.cp_degree=2", "--train.compile=true"]),
-    "cp2-ulysses-compile": (2, ["--parallel.cp_degree=2", "--parallel.cp_method=ulysses", "--train.compile=true"]),
     "cp2-ddp2": (4, ["--parallel.cp_degree=2", "--parallel.dp_replicate_degree=2"]),
     "cp2-fsdp2": (4, ["--parallel.cp_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=3"]),
     "pp2-gpipe": (2, ["--parallel.pp_degree=2", "--parallel.pp_schedule=gpipe"]),

@@ -62,6 +62,10 @@ def test_microbatches_default_to_train_micro_batches():
     assert pipeline_microbatches(0, 32, 16) == 2
     assert pipeline_microbatches(0, 16, 16) == 1
     assert pipeline_microbatches(8, 32, 16) == 8
+    # Derived counts below the stage count rise to the smallest multiple of pp dividing the batch.
+    assert pipeline_microbatches(0, 32, 32, pp_degree=2) == 2
+    assert pipeline_microbatches(0, 12, 32, pp_degree=4) == 4
+    assert pipeline_microbatches(0, 10, 32, pp_degree=4) == 1  # none fits: left for the config check to refuse
 
 
 def test_stages_pass_hidden_states_through():
@@ -100,7 +104,7 @@ def test_stages_pass_hidden_states_through():
         ("--parallel.pp_schedule=zerobubble", None, "zero-bubble"),
         ("--parallel.pp_degree=2 --parallel.pp_microbatches=5", 2,
          "parallel.pp_microbatches = 5 does not divide the 32 sequences of a data-parallel rank's step; pick one of"),
-        ("--parallel.pp_degree=2", 2,
+        ("--parallel.pp_degree=2 --parallel.pp_microbatches=1", 2,
          "parallel.pp_schedule = '1f1b' needs at least parallel.pp_degree = 2 micro-batches, but a step has 1"),
         ("--parallel.pp_degree=4 --model.layers=8 --parallel.pp_virtual_stages=2 --parallel.pp_schedule=interleaved-1f1b "
          "--train.global_batch_tokens=4608 --parallel.pp_microbatches=9", 4,

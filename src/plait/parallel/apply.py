@@ -31,6 +31,7 @@ Order and why:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -43,6 +44,9 @@ from plait.parallel.expert_parallel import apply_expert_fully_shard, apply_exper
 from plait.parallel.mesh import Layout
 from plait.parallel.tensor_parallel import apply_tensor_parallel, clip_grad_norm_mixed
 from plait.parallel.zero1 import Zero1AdamW, build_zero1_optimizer
+
+if TYPE_CHECKING:
+    from plait.parallel.pipeline_parallel import Pipeline
 
 
 def apply_layout(model: nn.Module, train: TrainSection, parallel: ParallelSection | None = None, layout: Layout | None = None) -> nn.Module:
@@ -111,12 +115,16 @@ def build_layout_optimizer(model: nn.Module, cfg: OptimSection, parallel: Parall
     return build_optimizer(model, cfg, foreach=foreach)
 
 
-def build_grad_clipper(model: nn.Module, optimizer: torch.optim.Optimizer, tp: bool) -> Callable[[float], torch.Tensor]:
+def build_grad_clipper(
+    model: nn.Module, optimizer: torch.optim.Optimizer, tp: bool, pipeline: "Pipeline | None" = None
+) -> Callable[[float], torch.Tensor]:
     """`clip(max_norm)`: clip the step's gradients by their global 2-norm, return the norm.
 
     torch's clip_grad_norm_ cannot mix plain and DTensor gradients (tensor parallelism does);
     Zero1AdamW holds the averaged gradients itself, in per-rank slices, so it clips them there.
     """
+    if pipeline is not None:  # the norm of the whole model: summed over the stages
+        return lambda max_norm: pipeline.clip_grad_norm(model.parameters(), max_norm)
     if isinstance(optimizer, Zero1AdamW):
         return optimizer.clip_grad_norm_
     clip = clip_grad_norm_mixed if tp else nn.utils.clip_grad_norm_

@@ -115,13 +115,20 @@ def build_pipeline_plan(args: ModelArgs, seq_len: int, pp_degree: int, virtual_s
     return PipelinePlan(pp_degree=pp_degree, virtual_stages=virtual_stages, layers_of_stage=tuple(ranges))
 
 
-def pipeline_microbatches(pp_microbatches: int, per_rank_sequences: int, micro_batch_size: int) -> int:
+def pipeline_microbatches(pp_microbatches: int, per_rank_sequences: int, micro_batch_size: int, pp_degree: int = 1) -> int:
     """Micro-batches per step through the pipeline on one data-parallel rank: `pp_microbatches`
     when set, else the rank's sequences / train.micro_batch_size (one pipeline micro-batch per
-    train micro-batch, the same split a run without pipeline makes)."""
+    train micro-batch, the same split a run without pipeline makes). When that leaves fewer
+    micro-batches than stages (a config written for one process, where one micro-batch is the
+    fastest), the derived count rises to the smallest multiple of `pp_degree` that divides the
+    rank's sequences: every schedule then fills its pipeline, and the step's tokens are unchanged."""
     if pp_microbatches > 0:
         return pp_microbatches
-    return max(1, per_rank_sequences // max(1, micro_batch_size))
+    m = max(1, per_rank_sequences // max(1, micro_batch_size))
+    if m < pp_degree:
+        fits = [d for d in range(pp_degree, per_rank_sequences + 1, pp_degree) if per_rank_sequences % d == 0]
+        m = fits[0] if fits else m
+    return m
 
 
 def pipeline_problems(
@@ -167,7 +174,7 @@ def pipeline_problems(
         )
     if per_rank_sequences is None:
         return problems
-    m = pipeline_microbatches(pp_microbatches, per_rank_sequences, micro_batch_size)
+    m = pipeline_microbatches(pp_microbatches, per_rank_sequences, micro_batch_size, pp_degree)
     if per_rank_sequences % m:
         options = [d for d in range(1, per_rank_sequences + 1) if per_rank_sequences % d == 0 and d >= pp_degree]
         problems.append(

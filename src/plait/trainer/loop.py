@@ -191,10 +191,8 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
 
     # The layout's clipping (apply.py): torch's cannot mix plain and DTensor gradients, as tensor
     # parallelism and expert parallelism (experts on the ep mesh) do, and ZeRO-1 holds the averaged gradients in its optimizer.
-    clip_grad_norm = build_grad_clipper(model, optimizer, tp or layout.degrees.ep > 1)
+    clip_grad_norm = build_grad_clipper(model, optimizer, tp or layout.degrees.ep > 1, pipeline)
     router = RouterMetrics(module)  # mixture of experts: balance loss and router statistics
-    if pipeline is not None:  # the norm of the whole model: summed over the stages
-        clip_grad_norm = lambda max_norm: pipeline.clip_grad_norm(model.parameters(), max_norm)  # noqa: E731
     loss_sum = torch.zeros((), device=device)  # summed on device; read only when logging
     logged_steps, last_loss, val_loss = 0, None, None
     window_start, window_tokens = time.perf_counter(), 0

@@ -60,7 +60,7 @@ def derive(cfg: Config, args: ModelArgs, device: torch.device, dp_degree: int = 
     if cfg.parallel.pp_degree > 1:  # the pipeline's micro-batch count (parallel.pp_microbatches) sets the split
         from plait.parallel.pipeline_plan import pipeline_microbatches
 
-        micro = sequences // dp_degree // pipeline_microbatches(cfg.parallel.pp_microbatches, sequences // dp_degree, micro)
+        micro = sequences // dp_degree // pipeline_microbatches(cfg.parallel.pp_microbatches, sequences // dp_degree, micro, cfg.parallel.pp_degree)
     accumulation = sequences // (micro * dp_degree)
     return Derived(
         tokens_per_step=t.global_batch_tokens,
