@@ -61,7 +61,8 @@ def load(run_dir: str | Path, step: int | None = None, device: str = "cpu") -> L
     config_file = run_dir / "config.toml"
     if not config_file.is_file():
         raise FileNotFoundError(f"{run_dir} has no config.toml: is it a plait run directory?")
-    cfg = build_config(str(config_file))
+    # The weights come from the checkpoint: a model.init_from directory is neither needed nor checked.
+    cfg = build_config(str(config_file), ["--model.init_from="])
     tokenizer = load_tokenizer_dir(run_dir)
     if step is None:
         path = latest_checkpoint(run_dir)

@@ -5,6 +5,7 @@
     plait report RUN_DIR
     plait generate RUN_DIR --prompt TEXT
     plait config [--config FILE] [--section.key=value ...]
+    plait convert --to-hf RUN_DIR/checkpoints/step_N OUT_DIR | --from-hf HF_DIR OUT_RUN_DIR
 """
 
 from __future__ import annotations
@@ -52,6 +53,17 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved config as TOML")
     p.add_argument("--config", help="TOML config file")
+
+    p = sub.add_parser("convert", help="export a checkpoint to, or import one from, Hugging Face Llama format")
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--to-hf", action="store_true", help="SRC is a checkpoint (or run directory): write a transformers directory")
+    way.add_argument("--from-hf", action="store_true", help="SRC is a transformers Llama directory: write a plait run directory")
+    p.add_argument("src", help="checkpoint step directory, run directory (its latest checkpoint) or Hugging Face directory")
+    p.add_argument("out", help="output directory; must be new or empty unless --force")
+    p.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+    p.add_argument("--shard-size", default="5GB", help="--to-hf: largest weight file, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="--to-hf: cast the weights (default: as stored)")
     return parser
 
 
@@ -111,13 +123,59 @@ def _cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+_SIZE_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30, "b": 1, "": 1}
+
+
+def parse_size(text: str) -> int:
+    """"5GB", "500MB", "2GiB" or a number of bytes."""
+    lowered = text.strip().lower()
+    number = lowered.rstrip("kmgib")
+    unit = lowered[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _SIZE_UNITS or value <= 0:
+        raise ConfigError(f"--shard-size = {text!r} is not a size; use e.g. 5GB, 500MB or a number of bytes")
+    return int(value * _SIZE_UNITS[unit])
+
+
+def _cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
+    from plait.checkpoint import latest_checkpoint
+    from plait.checkpoint.hf import export_to_hf, import_from_hf
+
+    src, out = Path(args.src), Path(args.out)
+    if not src.is_dir():
+        raise FileNotFoundError(f"convert: {src} does not exist or is not a directory")
+    try:
+        if args.from_hf:
+            import_from_hf(src, out, force=args.force, progress=print)
+            print(f"sample with `plait generate {out}`; train on with "
+                  f"`plait train --config {out / 'config.toml'} --data.corpus=...`")
+            return 0
+        checkpoint = src
+        if not (src / "state.json").is_file():
+            found = latest_checkpoint(src)
+            if found is None:
+                raise FileNotFoundError(f"convert --to-hf: {src} is not a plait checkpoint (no state.json) "
+                                        "nor a run directory with one")
+            checkpoint = found
+        export_to_hf(checkpoint, out, shard_size=parse_size(args.shard_size), dtype=args.dtype,
+                     force=args.force, progress=print)
+        print(f"load with transformers: LlamaForCausalLM.from_pretrained({str(out)!r})")
+        return 0
+    except (ValueError, FileExistsError) as err:  # HFConfigError, ConfigError, weights that do not match
+        print(f"plait convert: {err}", file=sys.stderr)
+        return 2
+
+
 COMMANDS = {"train": _cmd_train, "prepare": _cmd_prepare, "report": _cmd_report,
-            "generate": _cmd_generate, "config": _cmd_config}
+            "generate": _cmd_generate, "config": _cmd_config, "convert": _cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:
     args, rest = _parser().parse_known_args(argv)
-    if rest and args.command in ("report", "generate"):
+    if rest and args.command in ("report", "generate", "convert"):
         print(f"plait {args.command}: unexpected arguments {' '.join(rest)}", file=sys.stderr)
         return 2
     try:

@@ -47,6 +47,17 @@ class ModelSection:
     rope_scaling_factor: float | None = None
     norm_eps: float | None = None
     init_std: float = 0.02
+    # "hf:DIR": start from a Hugging Face Llama's weights instead of random ones (the shape above
+    # must match it). A run that already has a checkpoint resumes from that instead.
+    init_from: str = ""
+    # Mixture of experts (docs/model.md): experts per block (0: dense MLP), experts per token,
+    # expert SwiGLU width (unset: ffn_hidden), capacity factor (0: dropless) and the weight of
+    # the load-balancing loss. Unset: the named size's (debug-moe, tiny-moe, mixtral-8x7b).
+    moe_experts: int | None = None
+    moe_top_k: int | None = None
+    moe_ffn_hidden: int | None = None
+    moe_capacity_factor: float | None = None
+    moe_aux_loss_coef: float | None = None
 
 
 @dataclass
@@ -140,7 +151,8 @@ class ParallelSection:
 
     Data parallelism has two axes: replicas (`dp_replicate_degree`) and shards
     (`dp_shard_degree`, with `zero_stage` saying what is sharded). Both > 1 is hybrid sharding
-    (HSDP). Pipeline, context and expert degrees are reserved for a later version."""
+    (HSDP). Pipeline stages (`pp_degree`) and context shards (`cp_degree`) multiply the world
+    too; experts (`ep_degree`) are spread over ranks that the data/context axes already hold."""
 
     # Data-parallel replicas; -1 fills the world.
     dp_replicate_degree: int = 1
@@ -157,8 +169,21 @@ class ParallelSection:
     mixed_precision: bool = False
     # ZeRO-3: keep sharded parameters and optimizer state in CPU memory.
     cpu_offload: bool = False
+    # Pipeline stages: the layers are split into stages that run on different ranks.
     pp_degree: int = 1
+    # "gpipe", "1f1b", "interleaved-1f1b" (needs pp_virtual_stages > 1) or "zero-bubble".
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved-1f1b", "zero-bubble"] = "1f1b"
+    # Micro-batches per step through the pipeline (per data-parallel rank); 0: derived from
+    # train.micro_batch_size (each pipeline micro-batch is one train micro-batch).
+    pp_microbatches: int = 0
+    # Model chunks (stages) per pipeline rank; > 1 for the interleaved and zero-bubble schedules.
+    pp_virtual_stages: int = 1
+    # Context parallelism: each sequence is split over this many ranks (long inputs).
     cp_degree: int = 1
+    # "ring" (key/value shards travel around the ring) or "ulysses" (all-to-all to head shards).
+    cp_method: Literal["ring", "ulysses"] = "ring"
+    # Expert parallelism (mixture-of-experts models): experts spread over this many ranks, taken
+    # from the data-parallel shard and context axes (it must divide dp_shard_degree x cp_degree).
     ep_degree: int = 1
 
 

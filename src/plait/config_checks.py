@@ -38,6 +38,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     resolve_model_args(m)  # shape rules (heads, kv heads, head dim) with the overrides applied
     _require(m.vocab_multiple >= 1, f"model.vocab_multiple = {m.vocab_multiple} must be at least 1")
     _require(m.init_std > 0, f"model.init_std = {m.init_std} must be positive")
+    if m.init_from:
+        check_init_from(m)
     _require(
         0.0 <= d.val_fraction < 0.5,
         f"data.val_fraction = {d.val_fraction} must be in [0, 0.5); 0.02 holds out 2% of documents",
@@ -81,11 +83,17 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
 @dataclass(frozen=True)
 class Degrees:
-    """The parallel degrees with -1 resolved against the number of workers."""
+    """The parallel degrees with -1 resolved against the number of workers.
+
+    The world is pp x dp_replicate x dp_shard x cp x tp ranks. `ep` does not multiply it: expert
+    parallelism reuses ranks of the dp_shard x cp axes (MoE parallel folding)."""
 
     dp_replicate: int
     dp_shard: int
     tp: int
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
 
     @property
     def dp(self) -> int:
@@ -94,15 +102,21 @@ class Degrees:
 
     @property
     def world(self) -> int:
-        return self.dp * self.tp
+        return self.pp * self.dp * self.cp * self.tp
+
+
+# The degrees that multiply to the world, in mesh order (outermost first).
+WORLD_DEGREES = ("pp_degree", "dp_replicate_degree", "dp_shard_degree", "cp_degree", "tp_degree")
+FILLABLE = ("dp_replicate_degree", "dp_shard_degree")
 
 
 def resolve_degrees(p: "ParallelSection", world_size: int) -> Degrees:
     """Fill a -1 degree with what is left of the world; raise ConfigError if they do not fit."""
-    fixed = {"dp_replicate_degree": p.dp_replicate_degree, "dp_shard_degree": p.dp_shard_degree, "tp_degree": p.tp_degree}
+    fixed = {key: getattr(p, key) for key in WORLD_DEGREES}
     for key, value in fixed.items():
-        _require(value >= 1 or (value == -1 and key != "tp_degree"),
-                 f"parallel.{key} = {value} must be at least 1" + ("" if key == "tp_degree" else ", or -1 to fill the world"))
+        _require(value >= 1 or (value == -1 and key in FILLABLE),
+                 f"parallel.{key} = {value} must be at least 1" + (", or -1 to fill the world" if key in FILLABLE else ""))
+    _require(p.ep_degree >= 1, f"parallel.ep_degree = {p.ep_degree} must be at least 1")
     fills = [k for k, v in fixed.items() if v == -1]
     _require(len(fills) <= 1, f"only one degree may be -1, not {' and '.join('parallel.' + k for k in fills)}")
     known = math.prod(v for v in fixed.values() if v != -1)
@@ -113,32 +127,96 @@ def resolve_degrees(p: "ParallelSection", world_size: int) -> Degrees:
                 f"{known}, which does not divide {world_size}"
             )
         fixed[fills[0]] = world_size // known
-    degrees = Degrees(fixed["dp_replicate_degree"], fixed["dp_shard_degree"], fixed["tp_degree"])
+    degrees = Degrees(
+        dp_replicate=fixed["dp_replicate_degree"], dp_shard=fixed["dp_shard_degree"], tp=fixed["tp_degree"],
+        pp=fixed["pp_degree"], cp=fixed["cp_degree"], ep=p.ep_degree,
+    )
     if degrees.world != world_size:
+        product = " x ".join(f"{k.removesuffix('_degree')} {fixed[k]}" for k in WORLD_DEGREES if fixed[k] != 1) or "1"
+        others = degrees.world // degrees.dp_replicate
         raise ConfigError(
-            f"parallel.dp_replicate_degree x dp_shard_degree x tp_degree = {degrees.dp_replicate} x "
-            f"{degrees.dp_shard} x {degrees.tp} = {degrees.world}, but the job has {world_size} worker(s) "
-            f"(--nproc-per-node x --nnodes); they must be equal: for example parallel.dp_shard_degree = -1 "
-            f"fills the world, or set parallel.dp_replicate_degree = {world_size // (degrees.dp_shard * degrees.tp) or 1}"
-            if world_size % (degrees.dp_shard * degrees.tp) == 0 else
-            f"parallel.dp_replicate_degree x dp_shard_degree x tp_degree = {degrees.world}, but the job has "
-            f"{world_size} worker(s); make the degrees multiply to {world_size}"
+            f"the parallel degrees multiply to {product} = {degrees.world}, but the job has {world_size} "
+            f"worker(s) (--nproc-per-node x --nnodes); they must be equal: for example "
+            + (f"parallel.dp_shard_degree = -1 fills the world, or set parallel.dp_replicate_degree = {world_size // others}"
+               if world_size % others == 0 else f"make pp x dp_replicate x dp_shard x cp x tp = {world_size}")
         )
     return degrees
+
+
+def check_moe_args(args: "ModelArgs") -> None:
+    """Mixture-of-experts fields of the resolved shape (model.moe_*)."""
+    _require(args.moe_experts >= 0, f"model.moe_experts = {args.moe_experts} must be >= 0 (0: dense MLP)")
+    if args.moe_experts == 0:
+        return
+    _require(
+        1 <= args.moe_top_k <= args.moe_experts,
+        f"model.moe_top_k = {args.moe_top_k} must be between 1 and model.moe_experts = {args.moe_experts}",
+    )
+    _require(args.moe_ffn >= 1, f"model.moe_ffn_hidden = {args.moe_ffn_hidden} must be at least 1")
+    _require(
+        args.moe_capacity_factor >= 0,
+        f"model.moe_capacity_factor = {args.moe_capacity_factor} must be >= 0 (0: dropless; 1.25 is common)",
+    )
+    _require(args.moe_aux_loss_coef >= 0, f"model.moe_aux_loss_coef = {args.moe_aux_loss_coef} must be >= 0 (0: off; 0.01 is common)")
+    _require(
+        args.mlp == "swiglu",
+        f"model.mlp = {args.mlp!r} with model.moe_experts = {args.moe_experts}: experts are SwiGLU; "
+        f"set model.mlp = \"swiglu\" or model.moe_experts = 0",
+    )
+
+
+def validate_moe_layout(cfg: Config) -> None:
+    """Mixture of experts and expert parallelism against the rest of the layout."""
+    p, t = cfg.parallel, cfg.train
+    _require(p.ep_degree >= 1, f"parallel.ep_degree = {p.ep_degree} must be at least 1")
+    experts = resolve_model_args(cfg.model).moe_experts
+    if experts == 0:
+        _require(p.ep_degree == 1, f"parallel.ep_degree = {p.ep_degree} spreads experts, but model.name = "
+                 f"{cfg.model.name!r} is dense; use a mixture-of-experts model (model.name = \"debug-moe\", "
+                 f"\"tiny-moe\" or model.moe_experts > 0) or parallel.ep_degree = 1")
+        return
+    # Combinations not built (or not tested) in this version: refused, not silently wrong.
+    _require(p.tp_degree == 1, f"parallel.tp_degree = {p.tp_degree} with a mixture-of-experts model is not in this "
+             f"version of plait (the tensor-parallel plan covers dense MLPs only); set parallel.tp_degree = 1")
+    _require(p.pp_degree == 1, f"parallel.pp_degree = {p.pp_degree} with a mixture-of-experts model is not in this "
+             f"version of plait (the balance loss is collected outside the pipeline); set parallel.pp_degree = 1")
+    _require(not t.compile, "train.compile = true with a mixture-of-experts model is not in this version of plait "
+             "(data-dependent token counts per expert); set train.compile = false")
+    if p.ep_degree == 1:
+        return
+    _require(experts % p.ep_degree == 0, f"parallel.ep_degree = {p.ep_degree} must divide model.moe_experts = "
+             f"{experts} (each rank holds the same number of experts); valid: "
+             f"{[e for e in range(1, experts + 1) if experts % e == 0]}")
+    _require(p.cp_degree == 1, f"parallel.ep_degree = {p.ep_degree} with parallel.cp_degree = {p.cp_degree} is not in "
+             f"this version of plait (experts spread over context-parallel ranks is untested); set parallel.cp_degree = 1")
+    stage = _zero_stage_for(p.zero_stage, p.dp_shard_degree)
+    _require(stage in (2, 3), f"parallel.ep_degree = {p.ep_degree} needs parallel.zero_stage = 2 or 3, not "
+             f"{stage}: expert weights are sharded over the ep axis and FSDP averages the dense gradients "
+             f"(DDP and ZeRO-1 would average the expert shards too); set parallel.zero_stage = 3")
+    _require(not p.cpu_offload, "parallel.cpu_offload = true with parallel.ep_degree > 1 is not in this version of "
+             "plait; set parallel.cpu_offload = false")
 
 
 def validate_layout(cfg: Config, world_size: int | None) -> None:
     """Degrees against each other, the model, the batch and (when known) the number of workers."""
     p, t = cfg.parallel, cfg.train
-    for key in ("pp_degree", "cp_degree", "ep_degree"):
-        value = getattr(p, key)
-        _require(
-            value == 1,
-            f"parallel.{key} = {value}: pipeline, context and expert parallelism are not in this version "
-            f"of plait; set parallel.{key} = 1",
+    if p.cp_degree != 1:
+        _validate_context_parallel(cfg)
+    if p.ep_degree > 1 and p.dp_shard_degree != -1 and (p.dp_shard_degree * p.cp_degree) % p.ep_degree:
+        raise ConfigError(
+            f"parallel.ep_degree = {p.ep_degree} must divide parallel.dp_shard_degree x cp_degree = "
+            f"{p.dp_shard_degree} x {p.cp_degree} (experts are spread over those ranks); set "
+            f"parallel.dp_shard_degree to a multiple of {p.ep_degree}"
         )
     _require(p.zero_stage in (-1, 0, 1, 2, 3), f"parallel.zero_stage = {p.zero_stage} must be -1 (auto), 0, 1, 2 or 3")
+    validate_moe_layout(cfg)
     degrees = resolve_degrees(p, world_size or 1) if world_size else None
+    if degrees is not None and (degrees.dp_shard * degrees.cp) % degrees.ep:
+        raise ConfigError(
+            f"parallel.ep_degree = {degrees.ep} must divide the data-parallel shard x context degrees, here "
+            f"{degrees.dp_shard} x {degrees.cp} with {world_size} worker(s); set parallel.dp_shard_degree to a "
+            f"multiple of {degrees.ep}, or run a multiple of {degrees.ep} workers"
+        )
     shard = degrees.dp_shard if degrees else p.dp_shard_degree
     stage = _zero_stage_for(p.zero_stage, shard)
     said = f"{p.zero_stage}" if p.zero_stage != -1 else f"-1 (auto: {stage})"
@@ -173,6 +251,8 @@ def validate_layout(cfg: Config, world_size: int | None) -> None:
         )
         if problems:
             raise ConfigError("; ".join(problems))
+    if p.pp_degree > 1:
+        _check_pipeline(cfg, degrees)
     if degrees is None:
         return
     sequences = t.global_batch_tokens // t.seq_len
@@ -215,6 +295,77 @@ def with_resolved_zero_stage(cfg: Config, world_size: int) -> Config:
     return dataclasses.replace(cfg, parallel=parallel)
 
 
+def check_init_from(m: ModelSection) -> None:
+    """model.init_from names a Hugging Face Llama directory whose model is this config's (the
+    vocabulary is compared too when the config fixes it; otherwise once the tokenizer is known)."""
+    from plait.checkpoint.hf_config import HF_PREFIX, HFConfigError, args_from_hf_config, mismatch_message, read_hf_config
+
+    spec = m.init_from
+    _require(spec.startswith(HF_PREFIX), f"model.init_from = {spec!r} must be of the form \"hf:DIR\" (a Hugging Face Llama directory)")
+    try:
+        theirs = args_from_hf_config(read_hf_config(spec[len(HF_PREFIX):]))
+    except (HFConfigError, FileNotFoundError) as err:
+        raise ConfigError(f"model.init_from = {spec!r}: {err}") from None
+    ours = resolve_model_args(m)
+    problem = mismatch_message(spec, ours, theirs, check_vocab=ours.vocab is not None)
+    _require(problem is None, problem or "")
+
+
+def _validate_context_parallel(cfg: Config) -> None:
+    """Context parallelism: shapes it can split, and the layouts it is tested with."""
+    from plait.parallel.context_parallel import context_parallel_problems
+
+    p, t = cfg.parallel, cfg.train
+    _require(p.cp_degree >= 1, f"parallel.cp_degree = {p.cp_degree} must be at least 1 (1: no context parallelism)")
+    problems = context_parallel_problems(resolve_model_args(cfg.model).kv_heads, p.cp_degree, p.cp_method, t.seq_len)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    stage = _zero_stage_for(p.zero_stage, p.dp_shard_degree)
+    refused = (
+        (p.tp_degree > 1, f"parallel.tp_degree = {p.tp_degree}",
+         "tensor parallelism splits the heads that context parallelism's attention exchanges; set parallel.tp_degree = 1"),
+        (p.pp_degree > 1, f"parallel.pp_degree = {p.pp_degree}",
+         "pipeline stages do not pass the tokens' global positions on; set parallel.pp_degree = 1"),
+        (stage == 1, "parallel.zero_stage = 1",
+         "use parallel.zero_stage = 0 (DDP over data x context ranks) or 2/3 (FSDP over dp_shard x cp)"),
+        (stage >= 2 and p.dp_replicate_degree != 1, f"parallel.dp_replicate_degree = {p.dp_replicate_degree} "
+         f"and parallel.zero_stage = {stage} (HSDP)", "use parallel.dp_shard_degree alone for FSDP with context parallelism"),
+    )
+    for bad, what, fix in refused:
+        _require(not bad, f"parallel.cp_degree = {p.cp_degree} with {what} is not supported in this version: {fix}")
+
+
+def _check_pipeline(cfg: Config, degrees: Degrees | None) -> None:
+    """Pipeline rules (the stage split, the schedule's micro-batch needs) and what it composes with."""
+    from plait.parallel.pipeline_plan import pipeline_problems
+
+    p, t = cfg.parallel, cfg.train
+    dp_total = degrees.dp if degrees else max(p.dp_replicate_degree, 1) * max(p.dp_shard_degree, 1)
+    stage = _zero_stage_for(p.zero_stage, degrees.dp_shard if degrees else p.dp_shard_degree)
+    if (dp_total > 1 or -1 in (p.dp_shard_degree, p.dp_replicate_degree)) and stage < 2:
+        raise ConfigError(
+            f"parallel.pp_degree = {p.pp_degree} with data parallelism needs parallel.zero_stage = 2 or 3 "
+            f"(FSDP on each stage over the data-parallel axes): DDP and ZeRO-1 are not wired into pipeline "
+            f"stages in plait; set parallel.zero_stage = 3 and parallel.dp_shard_degree > 1"
+        )
+    _require(
+        not (t.compile and p.pp_schedule == "zero-bubble"),
+        "train.compile = true with parallel.pp_schedule = \"zero-bubble\": PyTorch's zero-bubble schedules split "
+        "the backward into input and weight parts, which compiled blocks do not support; set train.compile = false "
+        "or another parallel.pp_schedule",
+    )
+    per_rank = None
+    if degrees is not None:
+        sequences = t.global_batch_tokens // t.seq_len
+        per_rank = sequences // degrees.dp if sequences % degrees.dp == 0 else None
+    micro = micro_batch_size(t, degrees.dp) if degrees is not None else t.micro_batch_size
+    problems = pipeline_problems(
+        resolve_model_args(cfg.model), p.pp_degree, p.pp_schedule, p.pp_microbatches, p.pp_virtual_stages, per_rank, micro
+    )
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def micro_batch_size(t: "TrainSection", dp: int) -> int:
     """Sequences per forward on one rank: train.micro_batch_size, or a rank's whole share of the
     step when that is smaller (so a config keeps working as ranks are added)."""
@@ -237,6 +388,8 @@ def resolve_model_args(m: ModelSection, tokenizer_vocab: int | None = None) -> "
         ("layers", "layers"), ("hidden", "hidden"), ("heads", "heads"), ("kv_heads", "kv_heads"),
         ("mlp", "mlp"), ("ffn_hidden", "ffn_hidden"), ("tie_embeddings", "tie_embeddings"),
         ("rope_theta", "rope_theta"), ("rope_scaling_factor", "rope_scaling_factor"), ("norm_eps", "norm_eps"),
+        ("moe_experts", "moe_experts"), ("moe_top_k", "moe_top_k"), ("moe_ffn_hidden", "moe_ffn_hidden"),
+        ("moe_capacity_factor", "moe_capacity_factor"), ("moe_aux_loss_coef", "moe_aux_loss_coef"),
     ):
         value = getattr(m, key)
         if value is not None:
@@ -264,6 +417,7 @@ def resolve_model_args(m: ModelSection, tokenizer_vocab: int | None = None) -> "
             f"model.kv_heads = {args.kv_heads} must divide model.heads = {args.heads} "
             f"(grouped-query attention); valid: {options}"
         )
+    check_moe_args(args)
 
     if m.vocab is not None:
         vocab = m.vocab

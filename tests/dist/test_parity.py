@@ -7,6 +7,7 @@ ranks instead of accumulation on one), which moves the loss by ~1e-7 per step.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -25,6 +26,22 @@ def reference(tmp_path_factory) -> list[float]:
     return run_layout(tmp_path_factory.mktemp("single"), 1, [])
 
 
+@pytest.fixture(scope="module")
+def reference_with(tmp_path_factory):
+    """Single-process curves of the debug model with extra overrides (e.g. more layers), each
+    run once per module: `reference_with(("--model.layers=4",))`."""
+    curves: dict[tuple[str, ...], list[float]] = {}
+
+    def get(overrides: tuple[str, ...]) -> list[float]:
+        if overrides not in curves:
+            curves[overrides] = run_layout(tmp_path_factory.mktemp("single-variant"), 1, list(overrides))
+        return curves[overrides]
+
+    return get
+
+
+# Layouts whose model differs from the default debug model: compared with a single process of the
+# same model (the overrides that start with --model.).
 LAYOUTS = {
     "ddp2": (2, ["--parallel.dp_replicate_degree=2"]),
     "ddp2-fill": (2, ["--parallel.dp_replicate_degree=-1"]),
@@ -46,15 +63,97 @@ LAYOUTS = {
     "fsdp2-tp2-activation-checkpointing": (4, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=3",
                                                "--parallel.tp_degree=2", "--train.activation_checkpointing=true"]),
     "zero3-x2-compile": (2, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=3", "--train.compile=true"]),
+    "cp2-ring": (2, ["--parallel.cp_degree=2", "--parallel.cp_method=ring"]),
+    "cp2-ulysses": (2, ["--parallel.cp_degree=2", "--parallel.cp_method=ulysses"]),
+    "cp2-ring-activation-checkpointing": (2, ["--parallel.cp_degree=2", "--train.activation_checkpointing=true"]),
+    "cp2-ring-compile": (2, ["--parallel.cp_degree=2", "--train.compile=true"]),
+    "cp2-ddp2": (4, ["--parallel.cp_degree=2", "--parallel.dp_replicate_degree=2"]),
+    "cp2-fsdp2": (4, ["--parallel.cp_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=3"]),
+    "pp2-gpipe": (2, ["--parallel.pp_degree=2", "--parallel.pp_schedule=gpipe"]),
+    "pp2-1f1b": (2, ["--parallel.pp_degree=2", "--parallel.pp_schedule=1f1b"]),
+    "pp2-interleaved-1f1b": (2, ["--parallel.pp_degree=2", "--parallel.pp_schedule=interleaved-1f1b",
+                                 "--parallel.pp_virtual_stages=2", "--model.layers=4"]),
+    "pp2-zero-bubble": (2, ["--parallel.pp_degree=2", "--parallel.pp_schedule=zero-bubble"]),
+    "pp2-fsdp2": (4, ["--parallel.pp_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=3",
+                      "--parallel.pp_microbatches=2"]),
+    "pp2-tp2": (4, ["--parallel.pp_degree=2", "--parallel.tp_degree=2"]),
+    "fsdp2-pp2-tp2": (8, ["--parallel.pp_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=3",
+                          "--parallel.tp_degree=2", "--parallel.pp_microbatches=2"]),
 }
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(name, reference, tmp_path):
+def test_layout_matches_single_process(name, reference, reference_with, tmp_path):
     nproc, overrides = LAYOUTS[name]
+    model_overrides = tuple(x for x in overrides if x.startswith("--model."))
     losses = run_layout(tmp_path / name, nproc, overrides)
-    assert_parity(reference, losses)
+    assert_parity(reference_with(model_overrides) if model_overrides else reference, losses)
     assert losses[-1] < losses[0] - 0.5  # and it trains
+
+
+# Mixture of experts: the reference is the single-process `debug-moe` model. One micro-batch per
+# rank and step (micro_batch_size 32 >= every rank's share): the balance loss's token fractions
+# are summed over the data-parallel ranks per micro-batch, so with one micro-batch they cover the
+# whole step in every layout, as in the single process (see docs/expert_parallel.md).
+MOE = ["--model.name=debug-moe", "--train.micro_batch_size=32"]
+EP2 = ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=3", "--parallel.ep_degree=2"]
+MOE_LAYOUTS = {
+    "moe-ddp2": (2, ["--parallel.dp_replicate_degree=2"]),
+    "ep2": (2, EP2),
+    "ep2-fsdp2": (4, ["--parallel.dp_shard_degree=4", "--parallel.zero_stage=3", "--parallel.ep_degree=2"]),
+    # Replicas too: expert gradients are summed over dp_replicate and divided by the whole dp degree.
+    "hsdp2x2-ep2": (4, ["--parallel.dp_replicate_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=3",
+                        "--parallel.ep_degree=2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def moe_reference(tmp_path_factory) -> tuple[Path, list[float]]:
+    """The single-process MoE run (checkpoints at steps 10 and 20, for the resume tests)."""
+    run_dir = tmp_path_factory.mktemp("single-moe")
+    return run_dir, run_layout(run_dir, 1, [*MOE, "--checkpoint.every=10"])
+
+
+@pytest.fixture(scope="module")
+def ep2_run(tmp_path_factory) -> tuple[Path, list[float]]:
+    run_dir = tmp_path_factory.mktemp("ep2")
+    return run_dir, run_layout(run_dir, 2, [*MOE, *EP2, "--checkpoint.every=10"])
+
+
+@pytest.mark.parametrize("name", list(MOE_LAYOUTS))
+def test_moe_layout_matches_single_process(name, moe_reference, request, tmp_path):
+    nproc, overrides = MOE_LAYOUTS[name]
+    losses = request.getfixturevalue("ep2_run")[1] if name == "ep2" else run_layout(tmp_path / name, nproc, [*MOE, *overrides])
+    assert_parity(moe_reference[1], losses)
+    assert losses[-1] < losses[0] - 0.5
+
+
+def _resume_from_step_10(run_dir: Path, nproc: int, overrides: list[str]) -> list[float]:
+    shutil.rmtree(run_dir / "checkpoints" / "step_20")
+    (run_dir / "checkpoints" / "latest").write_text("step_10\n")
+    (run_dir / "metrics.jsonl").unlink()
+    launch = ["--nproc-per-node", str(nproc)] if nproc > 1 else []
+    out = plait_cli("train", *launch, *BASE, f"--run.dir={run_dir}", *MOE, *overrides)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return train_losses(run_dir)
+
+
+def test_ep_checkpoint_resumes_as_single_process(moe_reference, ep2_run, tmp_path):
+    """Expert shards are gathered whole into the checkpoint: one process continues the EP run."""
+    run_dir = tmp_path / "ep2"
+    shutil.copytree(ep2_run[0], run_dir)
+    resumed = _resume_from_step_10(run_dir, 1, [])
+    assert len(resumed) == STEPS - 10
+    assert_parity(moe_reference[1][10:], resumed, first_rel=1e-4)
+
+
+def test_single_process_checkpoint_resumes_under_ep(moe_reference, tmp_path):
+    """And the other way: each EP rank restores its slice of the whole expert tensors."""
+    run_dir = tmp_path / "single"
+    shutil.copytree(moe_reference[0], run_dir)
+    resumed = _resume_from_step_10(run_dir, 2, EP2)
+    assert len(resumed) == STEPS - 10
+    assert_parity(moe_reference[1][10:], resumed, first_rel=1e-4)
 
 
 def test_bf16_mixed_precision_within_looser_bound(reference, tmp_path):
@@ -91,6 +190,42 @@ def test_zero1_tp_checkpoint_resumes_as_single_process(reference, tmp_path):
     process (a plain torch AdamW) resumes them on the same curve."""
     assert_resumes_as_single_process(reference, tmp_path / "resume", 4, [
         "--parallel.dp_shard_degree=2", "--parallel.zero_stage=1", "--parallel.tp_degree=2"])
+
+
+def test_pipeline_checkpoint_resumes_across_layouts(reference, tmp_path):
+    """A pipeline (pp 2) checkpoint resumes in one process on the same curve, and a checkpoint
+    that single process writes resumes under the pipeline again: the files are layout-free and
+    each stage gets back its own parameters and optimizer state."""
+    run_dir = tmp_path / "resume-pp"
+    run_layout(run_dir, 2, ["--parallel.pp_degree=2", "--checkpoint.every=10"])
+    shutil.rmtree(run_dir / "checkpoints" / "step_20")
+    (run_dir / "checkpoints" / "latest").write_text("step_10\n")
+    (run_dir / "metrics.jsonl").unlink()
+    out = plait_cli("train", *BASE, f"--run.dir={run_dir}", "--checkpoint.every=5", "--train.eval_every=10")
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed = train_losses(run_dir)
+    assert len(resumed) == STEPS - 10
+    assert_parity(reference[10:], resumed, first_rel=1e-4)
+    single_val = val_losses(run_dir)[-1]
+
+    shutil.rmtree(run_dir / "checkpoints" / "step_20")
+    (run_dir / "checkpoints" / "latest").write_text("step_15\n")  # written by the single process
+    (run_dir / "metrics.jsonl").unlink()
+    out = plait_cli("train", "--nproc-per-node", "2", *BASE, f"--run.dir={run_dir}", "--parallel.pp_degree=2",
+                    "--parallel.pp_schedule=gpipe", "--train.eval_every=10", "--train.sample_tokens=8")
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed = train_losses(run_dir)
+    assert len(resumed) == STEPS - 15
+    assert_parity(reference[15:], resumed, first_rel=1e-4)
+    # Evaluation under the pipeline (on gathered weights) gives the single process's number.
+    assert abs(val_losses(run_dir)[-1] - single_val) <= 1e-4 * single_val
+    samples = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "sample"]
+    assert samples and samples[-1]["text"].startswith("def ")  # the end-of-run sample from gathered weights
+
+
+def val_losses(run_dir: Path) -> list[float]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [x["val_loss"] for x in lines if x["kind"] == "val"]
 
 
 def test_layout_errors_before_any_worker(tmp_path):

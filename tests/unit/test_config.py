@@ -45,7 +45,6 @@ def test_overrides_both_forms_and_types():
         ("--train.global_batch_tokens=1000", "is not a multiple of train.seq_len = 256; use 768"),
         ("--train.micro_batch_size=5", "set train.micro_batch_size = 4"),
         ("--data.val_fraction=0.9", "data.val_fraction = 0.9 must be in [0, 0.5)"),
-        ("--parallel.pp_degree=2", "parallel.pp_degree = 2: pipeline, context and expert parallelism are not"),
         ("--parallel.zero_stage=3", "parallel.zero_stage = 3 shards over the data-parallel shard axis, but parallel.dp_shard_degree = 1"),
         ("--parallel.dp_shard_degree=2 --parallel.zero_stage=0", "parallel.dp_shard_degree = 2 needs a ZeRO stage"),
         ("--parallel.zero_stage=5", "parallel.zero_stage = 5 must be -1 (auto), 0, 1, 2 or 3"),
@@ -123,7 +122,7 @@ def test_layout_against_world_size():
     assert resolve_degrees(cfg.parallel, 4).dp_shard == 4
     cfg = build_config(None, ["--parallel.dp_replicate_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=2"], world_size=4)
     assert resolve_degrees(cfg.parallel, 4).dp == 4
-    with pytest.raises(ConfigError, match="= 2 x 1 x 1 = 2, but the job has 4 worker"):
+    with pytest.raises(ConfigError, match="multiply to dp_replicate 2 = 2, but the job has 4 worker"):
         build_config(None, ["--parallel.dp_replicate_degree=2"], world_size=4)
     with pytest.raises(ConfigError, match="only one degree may be -1"):
         build_config(None, ["--parallel.dp_replicate_degree=-1", "--parallel.dp_shard_degree=-1", "--parallel.zero_stage=3"], world_size=4)
@@ -164,3 +163,37 @@ def test_zero_stage_auto():
     assert stage(["--parallel.dp_shard_degree=2", "--parallel.zero_stage=1"], 2) == 1  # explicit wins
     cfg = build_config(None, ["--parallel.dp_shard_degree=2", "--parallel.tp_degree=2"], world_size=4)
     assert with_resolved_zero_stage(cfg, 4).parallel.zero_stage == 3 and cfg.parallel.zero_stage == -1
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("--parallel.cp_method=zigzag", "parallel.cp_method = 'zigzag' is not one of"),
+        ("--parallel.cp_degree=0", "parallel.cp_degree = 0 must be at least 1"),
+        ("--parallel.cp_degree=2 --train.seq_len=250 --train.global_batch_tokens=8000",
+         "train.seq_len = 250 is not divisible by 2 x parallel.cp_degree = 4 (ring attention"),
+        ("--parallel.cp_degree=4 --parallel.cp_method=ulysses",
+         "model.kv_heads = 2 is not divisible by parallel.cp_degree = 4: Ulysses"),
+        ("--parallel.cp_degree=2 --parallel.tp_degree=2", "parallel.cp_degree = 2 with parallel.tp_degree = 2 is not supported"),
+        ("--parallel.cp_degree=2 --parallel.dp_shard_degree=2 --parallel.zero_stage=1",
+         "parallel.cp_degree = 2 with parallel.zero_stage = 1 is not supported"),
+        ("--parallel.cp_degree=2 --parallel.dp_replicate_degree=2 --parallel.dp_shard_degree=2 --parallel.zero_stage=3",
+         "with parallel.dp_replicate_degree = 2 and parallel.zero_stage = 3 (HSDP) is not supported"),
+    ],
+)
+def test_context_parallel_errors_name_field_and_fix(override, expected):
+    with pytest.raises(ConfigError) as info:
+        build_config(None, override.split(" "))
+    assert expected in str(info.value)
+
+
+def test_context_parallel_layouts_accepted():
+    from plait.config import resolve_degrees
+
+    cfg = build_config(None, ["--parallel.cp_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=3"], world_size=4)
+    degrees = resolve_degrees(cfg.parallel, 4)
+    assert (degrees.cp, degrees.dp) == (2, 2)
+    build_config(None, ["--parallel.cp_degree=2", "--parallel.cp_method=ulysses", "--parallel.dp_replicate_degree=-1"], world_size=4)
+    build_config(None, ["--parallel.cp_degree=2", "--train.compile=true"], world_size=2)
+    with pytest.raises(ConfigError, match="multiply to cp 2 = 2, but the job has 4"):
+        build_config(None, ["--parallel.cp_degree=2"], world_size=4)

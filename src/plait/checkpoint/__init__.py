@@ -11,6 +11,9 @@ Layout of `RUN_DIR/checkpoints/`:
                                     the resolved config, plait version
     latest                          text file naming the newest complete step directory
 
+A checkpoint whose state.json says `weights_only` (an import, see `plait.checkpoint.hf`, which
+converts to and from Hugging Face Llama directories) holds model weights only.
+
 Nothing is unpickled when loading: tensors come from safetensors, the rest is JSON. A checkpoint is
 written into a hidden temporary directory and renamed into place only when complete, and `latest`
 is replaced atomically after that, so a crash mid-save leaves the previous checkpoint intact.

@@ -25,6 +25,14 @@ from torch.distributed.checkpoint.state_dict import (
 
 from plait.parallel.zero1 import Zero1AdamW
 
+from plait.checkpoint.pipeline_state import (
+    gather_pipeline_model,
+    gather_pipeline_optimizer,
+    is_pipelined,
+    stage_model_tensors,
+    stage_optimizer_state,
+)
+
 Tensors = dict[str, torch.Tensor]
 
 
@@ -34,6 +42,8 @@ def _options(distributed: bool) -> StateDictOptions:
 
 
 def gather_model(model: nn.Module, distributed: bool) -> Tensors:
+    if is_pipelined(model):  # each stage's ranks hold part of the model: merged on rank 0
+        return gather_pipeline_model(model)
     state = get_model_state_dict(model, options=_options(distributed))
     return {name: t.detach().contiguous().clone() for name, t in state.items()}
 
@@ -49,6 +59,8 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str
 def gather_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, distributed: bool, is_main: bool) -> tuple[Tensors, list[dict[str, Any]]]:
     """Optimizer state as "<param>::<key>" tensors plus the groups' hyperparameters (with the
     names of their parameters), on rank 0; empty elsewhere."""
+    if is_pipelined(model):
+        return gather_pipeline_optimizer(model, optimizer)
     if isinstance(optimizer, Zero1AdamW):
         return optimizer.gather_full_state(_param_names(model, optimizer), keep=is_main)
     state = get_optimizer_state_dict(model, optimizer, options=_options(distributed))
@@ -61,6 +73,8 @@ def gather_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, distrib
 
 
 def scatter_model(model: nn.Module, tensors: Tensors, distributed: bool) -> None:
+    if is_pipelined(model):  # this rank's stages take their own entries of the whole state
+        tensors = stage_model_tensors(model, tensors)
     set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=distributed))
 
 
@@ -69,6 +83,8 @@ def scatter_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, tensor
     for key, value in tensors.items():
         name, field = key.split("::", 1)
         per_param.setdefault(name, {})[field] = value
+    if is_pipelined(model):
+        per_param, groups = stage_optimizer_state(model, per_param, groups)
     if isinstance(optimizer, Zero1AdamW):
         optimizer.load_full_state(per_param, groups, _param_names(model, optimizer))
         return
@@ -90,6 +106,10 @@ def restore_checkpoint(
     tensors = read_tensors(path, "model")
     check_model_tensors(path, tensors, expected_shapes)
     scatter_model(model, tensors, distributed)
+    if state.get("weights_only"):
+        # An imported model (`plait convert --from-hf`): the optimizer, the RNG and the data
+        # position start fresh; state["loader"] is None.
+        return state
     scatter_optimizer(model, optimizer, read_tensors(path, "optimizer"), state["optimizer_groups"], distributed)
     restore_rng(path)
     return state

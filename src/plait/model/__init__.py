@@ -5,10 +5,11 @@ Nothing here imports torch.distributed: parallelisms are applied from `plait.par
 
 from plait.model.flops import ParamCount, count_params, flops_per_token, matmul_params
 from plait.model.llama import LayerCache, Transformer, build_model, init_weights, materialize
+from plait.model.moe import MoE, moe_layers
 from plait.model.sizes import NAMED_SIZES, ModelArgs
 
 __all__ = [
-    "NAMED_SIZES", "LayerCache", "ModelArgs", "ParamCount", "Transformer", "build_model",
+    "NAMED_SIZES", "LayerCache", "MoE", "ModelArgs", "ParamCount", "moe_layers", "Transformer", "build_model",
     "count_params", "flops_per_token", "init_weights", "materialize", "matmul_params",
 ]
 

@@ -5,6 +5,10 @@ FLOPs follow the convention of PAPERS.md (PaLM / Megatron MFU): a matmul of an m
 attention scores and values: 12 * layers * hidden * seq_len per token (forward + backward, causal
 masking not discounted, as the papers count it). The input embedding is a lookup, not a matmul,
 so its parameters are not in the 6N term; a tied output head is (its matmul is real).
+
+Mixture of experts: the parameter count holds every expert (plus the router); FLOPs count only
+the top-k experts a token goes through (plus the router), i.e. the active parameters. Capacity
+drops are not discounted (the planned cost of a step, not of one batch's routing).
 """
 
 from __future__ import annotations
@@ -23,11 +27,21 @@ class ParamCount:
     norms: int
 
 
+def mlp_params(args: ModelArgs, active: bool = False) -> int:
+    """One block's MLP weights: dense, or MoE with all experts (or, `active`, the top-k a token
+    uses) plus the router."""
+    d = args.hidden
+    if args.moe_experts > 0:
+        experts = args.moe_top_k if active else args.moe_experts
+        return experts * 3 * d * args.moe_ffn + d * args.moe_experts
+    return 3 * d * args.ffn if args.mlp == "swiglu" else 2 * d * args.ffn
+
+
 def count_params(args: ModelArgs) -> ParamCount:
     assert args.vocab is not None, "resolve the vocabulary before counting"
-    d, e, f = args.hidden, args.head_dim, args.ffn
+    d, e = args.hidden, args.head_dim
     attn = d * args.heads * e * 2 + d * args.kv_heads * e * 2
-    mlp = 3 * d * f if args.mlp == "swiglu" else 2 * d * f
+    mlp = mlp_params(args)
     per_layer_norms = 2 * d
     per_layer = attn + mlp + per_layer_norms
     embedding = args.vocab * d
@@ -38,10 +52,12 @@ def count_params(args: ModelArgs) -> ParamCount:
 
 
 def matmul_params(args: ModelArgs) -> int:
-    """Parameters multiplied every token: attention and MLP weights plus the output head."""
+    """Parameters multiplied every token: attention and MLP weights (for MoE the active experts
+    and the router) plus the output head."""
     pc = count_params(args)
     head = args.vocab * args.hidden  # tied or not, the head is one V x D matmul
-    return args.layers * (pc.per_layer - 2 * args.hidden) + head
+    inactive = mlp_params(args) - mlp_params(args, active=True)
+    return args.layers * (pc.per_layer - 2 * args.hidden - inactive) + head
 
 
 def flops_per_token(args: ModelArgs, seq_len: int, recompute: bool = False) -> float:

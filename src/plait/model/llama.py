@@ -1,8 +1,9 @@
 """A Llama-style decoder: RMSNorm, rotary embeddings (optional Llama-3 scaling), grouped-query
-attention through `scaled_dot_product_attention`, and a SwiGLU or GELU MLP.
+attention through `scaled_dot_product_attention`, and a SwiGLU or GELU MLP or a mixture of
+SwiGLU experts (`plait.model.moe`).
 
 The model knows nothing of distribution (no torch.distributed here): parallelisms are applied to
-it from outside. It is built on the meta device and then materialised with `materialize`, which
+it from outside (context parallelism swaps `Attention.attention_fn` and passes global positions). It is built on the meta device and then materialised with `materialize`, which
 initialises every parameter from its own generator seeded by (seed, parameter name), so a
 parameter gets the same values whichever rank or pipeline stage holds it.
 
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plait.model.moe import MoE
 from plait.model.sizes import ModelArgs
 
 
@@ -92,6 +95,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.hidden, args.kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(args.hidden, args.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(args.heads * self.head_dim, args.hidden, bias=False)
+        # Swapped in from outside for a sequence spread over several ranks (context parallelism):
+        # (q_BHTE, k_BKTE, v_BKTE) -> causal out_BHTE. None: local attention below.
+        self.attention_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(
         self, x_BTD: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor, cache: LayerCache | None = None
@@ -104,6 +110,9 @@ class Attention(nn.Module):
         v_BKTE = self.v_proj(x_BTD).view(b, t, -1, self.head_dim).transpose(1, 2)
         q_BHTE = apply_rope(q_BHTE, cos_TE, sin_TE)
         k_BKTE = apply_rope(k_BKTE, cos_TE, sin_TE)
+        if self.attention_fn is not None and cache is None:
+            out_BHTE = self.attention_fn(q_BHTE, k_BKTE, v_BKTE)
+            return self.o_proj(out_BHTE.transpose(1, 2).reshape(b, t, -1))
 
         causal = True
         mask = None
@@ -156,7 +165,10 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(args.hidden, args.norm_eps)
         self.attn = Attention(args)
         self.mlp_norm = RMSNorm(args.hidden, args.norm_eps)
-        self.mlp = SwiGLU(args) if args.mlp == "swiglu" else GeluMLP(args)
+        if args.moe_experts > 0:
+            self.mlp: nn.Module = MoE(args)
+        else:
+            self.mlp = SwiGLU(args) if args.mlp == "swiglu" else GeluMLP(args)
 
     def forward(
         self, x_BTD: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor, cache: LayerCache | None = None
@@ -222,7 +234,8 @@ def init_weights(model: Transformer, seed: int) -> None:
         if name.endswith("norm.weight"):
             param.fill_(1.0)
             continue
-        std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else args.init_std
+        # MoE experts' stacked down projections (`experts.down_proj`) write into the residual too.
+        std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")) else args.init_std
         gen = torch.Generator(device="cpu").manual_seed(_param_seed(seed, name))
         values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
         param.copy_(values)

@@ -32,6 +32,13 @@ class ModelArgs:
     rope_original_max_len: int = 8192
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # Mixture of experts (0: dense MLP): experts per MoE block, experts per token, their SwiGLU
+    # width (None: ffn_hidden), capacity factor (0: dropless) and balance-loss coefficient.
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    moe_ffn_hidden: int | None = None
+    moe_capacity_factor: float = 0.0
+    moe_aux_loss_coef: float = 0.01
 
     @property
     def head_dim(self) -> int:
@@ -44,6 +51,10 @@ class ModelArgs:
         if self.mlp == "gelu":
             return 4 * self.hidden
         return 256 * -(-(8 * self.hidden // 3) // 256)
+
+    @property
+    def moe_ffn(self) -> int:
+        return self.moe_ffn_hidden if self.moe_ffn_hidden is not None else self.ffn
 
     def replace(self, **changes: object) -> "ModelArgs":
         return dataclasses.replace(self, **changes)
@@ -61,6 +72,10 @@ NAMED_SIZES: dict[str, ModelArgs] = {
     "debug": ModelArgs(layers=2, hidden=64, heads=4, kv_heads=2, vocab=None, ffn_hidden=192),
     # The default run: ~3.4M parameters, sized to train in minutes on a 2-core CPU.
     "tiny": ModelArgs(layers=4, hidden=256, heads=4, kv_heads=2, vocab=None, ffn_hidden=768),
+    # Mixture-of-experts counterparts: `debug-moe` for tests (4 experts, top-2), `tiny-moe` for a
+    # CPU (~5.6M parameters with the byte vocabulary, ~2.1M of them active per token).
+    "debug-moe": ModelArgs(layers=2, hidden=64, heads=4, kv_heads=2, vocab=None, moe_experts=4, moe_ffn_hidden=128),
+    "tiny-moe": ModelArgs(layers=4, hidden=256, heads=4, kv_heads=2, vocab=None, moe_experts=8, moe_ffn_hidden=192),
     # GPT-3 Small/Medium widths with Llama blocks and a GPT-2 sized (padded) vocabulary.
     "125m": ModelArgs(layers=12, hidden=768, heads=12, kv_heads=12, vocab=50304, tie_embeddings=True),
     "350m": ModelArgs(layers=24, hidden=1024, heads=16, kv_heads=16, vocab=50304, tie_embeddings=True),
@@ -71,4 +86,10 @@ NAMED_SIZES: dict[str, ModelArgs] = {
     "8b": _llama3(32, 4096, 32, 14336, 8.0, tied=False),
     "70b": _llama3(80, 8192, 64, 28672, 8.0, tied=False),
     "405b": _llama3(126, 16384, 128, 53248, 8.0, tied=False),
+    # Mixtral 8x7B's shape (for planning): 8 SwiGLU experts of width 14336, top-2, ~46.7B
+    # parameters, ~12.9B active per token (embedding included).
+    "mixtral-8x7b": ModelArgs(
+        layers=32, hidden=4096, heads=32, kv_heads=8, vocab=32000, rope_theta=1e6, moe_experts=8,
+        moe_top_k=2, moe_ffn_hidden=14336,
+    ),
 }

@@ -5,7 +5,8 @@ FSDP2 and plait's ZeRO-1 (`zero1.py`) issue, and the functional collectives of D
 sequence parallelism). For each we record the payload and the bytes a rank sends on a ring, the
 convention of PAPERS.md: for a payload of M bytes over n ranks, all-reduce 2(n-1)/n M, all-gather
 (M = the gathered output) and reduce-scatter (M = the unreduced input) (n-1)/n M, all-to-all
-(n-1)/n M, broadcast M (a pipelined ring forwards the whole payload once).
+(n-1)/n M, broadcast M (a pipelined ring forwards the whole payload once). An all-to-all with
+uneven splits (expert parallelism) counts exactly what leaves the rank: M minus its own block.
 """
 
 from __future__ import annotations
@@ -75,9 +76,16 @@ class CommCounter(TorchDispatchMode):
             nbytes = _nbytes(args[payload_at])
             if kind == "all_gather_in":  # functional all-gather gets its input: output is n x
                 kind, nbytes = "all_gather", nbytes * n
+            wire = _FACTOR[kind](n) * nbytes
+            if name == "c10d.alltoall_base_" and args[4]:  # uneven splits: the rows kept are not sent
+                from torch.distributed import ProcessGroup
+
+                rank = ProcessGroup.unbox(args[2]).rank()
+                src = args[1]
+                wire = nbytes - args[4][rank] * (src[0].numel() * src.element_size() if src.shape[0] else 0)
             self.calls[kind] += 1
             self.payload[kind] += nbytes
-            self.wire[kind] += _FACTOR[kind](n) * nbytes
+            self.wire[kind] += wire
         return func(*args, **(kwargs or {}))
 
     @property

@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from plait._version import __version__
 from plait.checkpoint import latest_checkpoint, save_checkpoint
+from plait.checkpoint.hf import init_model_from
 from plait.checkpoint.state import gather_model, gather_optimizer, restore_checkpoint
 from plait.config import Config, ConfigError, resolve_degrees, resolve_model_args, validate, with_resolved_zero_stage
 from plait.data import TrainLoader, build_data, iter_eval_batches, save_tokenizer
@@ -26,12 +27,14 @@ from plait.hardware import peak_flops
 from plait.model import Transformer, build_model, generate, materialize
 from plait.optim import lr_at
 from plait.parallel.apply import apply_layout, build_grad_clipper, build_layout_optimizer
+from plait.parallel.context_parallel import ContextSharding, context_sharding
 from plait.parallel.mesh import build_layout
 from plait.parallel.tensor_parallel import loss_parallel_context, tp_cross_entropy
 from plait.parallel.data_parallel import gradient_sync
 from plait.parallel.distributed import DistInfo, barrier, init_distributed, launched_world_size, mean_across_ranks, shutdown
 from plait.trainer.metrics import MetricsLogger
 from plait.trainer.progress import ProgressDisplay, human
+from plait.trainer.router_metrics import RouterMetrics
 from plait.trainer.setup import config_lines, derive, memory_bytes, pick_device, resolved_config, write_run_config
 
 
@@ -52,23 +55,30 @@ def autocast_for(device: torch.device, dtype: str):
     return nullcontext()
 
 
-def lm_loss(model: nn.Module, batch_BT1: torch.Tensor, autocast) -> torch.Tensor:
+def lm_loss(model: nn.Module, batch_BT1: torch.Tensor, autocast, cp: ContextSharding | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over the batch, in fp32. Under tensor parallelism the logits
-    stay sharded on the vocabulary (call inside `loss_parallel_context`, backward included)."""
+    stay sharded on the vocabulary (call inside `loss_parallel_context`, backward included).
+    Under context parallelism it is the mean over this rank's tokens of each sequence."""
+    inputs_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
+    extra = {}
+    if cp is not None:
+        inputs_BT, targets_BT, extra["positions_T"] = cp.split(inputs_BT, targets_BT)
     with autocast:
-        logits_BTV = model(batch_BT1[:, :-1])
-    return tp_cross_entropy(logits_BTV, batch_BT1[:, 1:])
+        logits_BTV = model(inputs_BT, **extra)
+    return tp_cross_entropy(logits_BTV, targets_BT)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, val_tokens, cfg: Config, device: torch.device, dtype: str) -> float:
-    """Mean validation loss; every rank evaluates the same batches (sharded layouts need all)."""
+def evaluate(model: nn.Module, val_tokens, cfg: Config, device: torch.device, dtype: str, cp: ContextSharding | None = None) -> float:
+    """Mean validation loss; every rank evaluates the same batches (sharded layouts need all),
+    context-parallel ranks each their tokens of them."""
     model.eval()
     total, count = 0.0, 0
     for batch in iter_eval_batches(val_tokens, cfg.train.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches):
         batch = batch.to(device, non_blocking=True)
         with loss_parallel_context(cfg.parallel.tp_degree != 1):
-            total += lm_loss(model, batch, autocast_for(device, dtype)).item() * batch.shape[0]
+            loss = lm_loss(model, batch, autocast_for(device, dtype), cp)
+            total += (cp.average(loss) if cp is not None else loss).item() * batch.shape[0]
         count += batch.shape[0]
     model.train()
     return total / count
@@ -92,8 +102,9 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     layout = build_layout(resolve_degrees(cfg.parallel, dist_info.world_size), device)
     dp, distributed = layout.degrees.dp, dist_info.world_size > 1
     tp = layout.degrees.tp > 1
-    # Parameters split over ranks: forwards need every rank, so the final sample uses a gathered copy.
-    sharded = tp or cfg.parallel.zero_stage >= 2
+    # Parameters split over ranks: forwards need every rank, so the final sample uses a gathered copy
+    # (so does context parallelism, whose attention expects a sequence spread over the cp ranks).
+    sharded = tp or cfg.parallel.zero_stage >= 2 or layout.degrees.cp > 1 or layout.degrees.pp > 1
     run_dir = cfg.run_dir
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -111,9 +122,17 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
 
     torch.manual_seed(cfg.run.seed)
     module = materialize(build_model(args), device, cfg.run.seed)
+    if cfg.model.init_from and latest_checkpoint(run_dir) is None:  # a checkpoint, when there is one, wins
+        init_model_from(module, cfg.model.init_from)  # whole weights, before any parallel layout
     # `module` is the model without a DDP wrapper (FSDP and TP transform it in place): eval and sampling use it.
     model = apply_layout(module, t, cfg.parallel, layout)
     optimizer = build_layout_optimizer(model, o, cfg.parallel, layout)
+    cp = context_sharding(layout.submesh("cp"), cfg.parallel.cp_method) if layout.degrees.cp > 1 else None
+    pipeline = None
+    if layout.degrees.pp > 1:  # `model` is this rank's stages; the schedule runs every micro-batch of a step
+        from plait.parallel.pipeline_parallel import Pipeline
+
+        pipeline = Pipeline(model, cfg.parallel.pp_schedule, derived.accumulation_steps, device, tp, autocast_for(device, derived.dtype))
     loader = TrainLoader(
         data.train, t.seq_len, derived.sequences_per_step, dp_rank=layout.dp_rank(), dp_degree=dp, seed=cfg.run.seed
     )
@@ -130,7 +149,8 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
         shapes = {name: p.shape for name, p in build_model(args).state_dict().items()}  # meta: free
         try:
             restored = restore_checkpoint(checkpoint, model, optimizer, distributed, shapes)
-            loader.load_state_dict(restored["loader"])
+            if restored["loader"] is not None:  # None: a weights-only (imported) checkpoint
+                loader.load_state_dict(restored["loader"])
         except ValueError as err:  # a different model or data shape than the one saved
             raise ConfigError(
                 f"cannot resume run.dir = {str(run_dir)!r} from {checkpoint.name}: {err}. "
@@ -152,6 +172,8 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     )
     for line in config_lines(cfg):
         progress.print(line)
+    if pipeline is not None:
+        progress.print(f"pipeline: {cfg.parallel.pp_schedule}, {derived.accumulation_steps} micro-batches per step; {pipeline.info.plan.describe()}")
     peak = peak_flops(torch.cuda.get_device_name(device), derived.dtype) if device.type == "cuda" else None
     metrics = MetricsLogger(run_dir, cfg.run.tensorboard) if main else None
 
@@ -168,8 +190,9 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
         barrier(dist_info)
 
     # The layout's clipping (apply.py): torch's cannot mix plain and DTensor gradients, as tensor
-    # parallelism does, and ZeRO-1 holds the averaged gradients in its optimizer.
-    clip_grad_norm = build_grad_clipper(model, optimizer, tp)
+    # parallelism and expert parallelism (experts on the ep mesh) do, and ZeRO-1 holds the averaged gradients in its optimizer.
+    clip_grad_norm = build_grad_clipper(model, optimizer, tp or layout.degrees.ep > 1, pipeline)
+    router = RouterMetrics(module)  # mixture of experts: balance loss and router statistics
     loss_sum = torch.zeros((), device=device)  # summed on device; read only when logging
     logged_steps, last_loss, val_loss = 0, None, None
     window_start, window_tokens = time.perf_counter(), 0
@@ -180,12 +203,17 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
             group["lr"] = lr
 
         batch = loader.next_batch().to(device, non_blocking=True)
-        micro_batches = batch.split(derived.micro_batch_size)
+        micro_batches = batch.split(derived.micro_batch_size) if pipeline is None else ()
+        if pipeline is not None:
+            loss_sum += pipeline.train_step(batch)
         for i, micro in enumerate(micro_batches):
             with gradient_sync(model, last_micro_batch=i == len(micro_batches) - 1), loss_parallel_context(tp):
-                loss = lm_loss(model, micro, autocast) / derived.accumulation_steps
-                loss.backward()
+                loss = lm_loss(model, micro, autocast, cp) / derived.accumulation_steps
+                aux = router.aux_loss()
+                aux = aux / derived.accumulation_steps if aux is not None else None
+                (loss + aux if aux is not None else loss).backward()
             loss_sum += loss.detach()
+            router.observe(aux)
         grad_norm = clip_grad_norm(o.grad_clip) if o.grad_clip > 0 else None
         if isinstance(grad_norm, DTensor):  # sharded gradients: the norm is a DTensor too
             grad_norm = grad_norm.full_tensor()
@@ -194,6 +222,7 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
         tokens_seen += derived.tokens_per_step
         window_tokens += derived.tokens_per_step
         logged_steps += 1
+        router.end_step()
 
         if step % t.log_every == 0 or step == t.steps:
             last_loss = mean_across_ranks(loss_sum, dist_info).item() / logged_steps
@@ -206,6 +235,7 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
                 record["grad_norm"] = grad_norm.item()
             if mfu is not None:
                 record["mfu"] = mfu / dist_info.world_size  # per-GPU utilisation
+            record.update(router.window_record(dist_info))  # MoE only: aux_loss, moe_load_max, moe_drop_rate
             if metrics is not None:
                 metrics.log("train", step, **record)
             progress.update(step, last_loss, tokens_per_s, mfu, mem)
@@ -221,7 +251,12 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
         paused = False
         if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
             # Every replica evaluates the same batches with the same weights: same number.
-            val_loss = evaluate(module, data.val, cfg, device, derived.dtype)
+            if pipeline is not None:  # stages hold parts of the model: evaluate a gathered copy
+                from plait.trainer.pipeline_eval import evaluate_gathered
+
+                val_loss = evaluate_gathered(model, args, data.val, cfg, device, derived.dtype, main)
+            else:
+                val_loss = evaluate(module, data.val, cfg, device, derived.dtype, cp)
             if metrics is not None:
                 metrics.log("val", step, tokens=tokens_seen, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
             progress.print(f"step {step}: val_loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})")

@@ -57,6 +57,10 @@ def derive(cfg: Config, args: ModelArgs, device: torch.device, dp_degree: int = 
     t = cfg.train
     sequences = t.global_batch_tokens // t.seq_len
     micro = micro_batch_size(t, dp_degree)
+    if cfg.parallel.pp_degree > 1:  # the pipeline's micro-batch count (parallel.pp_microbatches) sets the split
+        from plait.parallel.pipeline_plan import pipeline_microbatches
+
+        micro = sequences // dp_degree // pipeline_microbatches(cfg.parallel.pp_microbatches, sequences // dp_degree, micro, cfg.parallel.pp_degree)
     accumulation = sequences // (micro * dp_degree)
     return Derived(
         tokens_per_step=t.global_batch_tokens,
@@ -79,6 +83,11 @@ def resolved_config(cfg: Config, args: ModelArgs) -> Config:
         mlp=args.mlp, ffn_hidden=args.ffn, vocab=args.vocab, tie_embeddings=args.tie_embeddings,
         rope_theta=args.rope_theta, rope_scaling_factor=args.rope_scaling_factor, norm_eps=args.norm_eps,
     )
+    if args.moe_experts > 0:  # dense runs keep these unset
+        model = dataclasses.replace(
+            model, moe_experts=args.moe_experts, moe_top_k=args.moe_top_k, moe_ffn_hidden=args.moe_ffn,
+            moe_capacity_factor=args.moe_capacity_factor, moe_aux_loss_coef=args.moe_aux_loss_coef,
+        )
     return dataclasses.replace(cfg, model=model)
 
 
