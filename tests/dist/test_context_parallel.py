@@ -17,17 +17,14 @@ the gradients of the reference's mean loss.
 
 from __future__ import annotations
 
-import datetime
-import gc
 import json
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from .spawn import run_cases, run_on_ranks
 from plait.parallel.context_parallel import context_parallel_problems, shard_positions
 
 WORLD = 4
@@ -107,40 +104,20 @@ def _run_model_case(cp: int, method: str, mesh) -> dict:
     return dict(zip(diffs, worst.tolist()))
 
 
-def _worker(rank: int, store: str, result_path: str) -> None:
+def _ranks(rank: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
-    torch.set_num_threads(1)  # four processes on two cores
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
-    )
     pair = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))["cp"]
     whole = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("cp",))
-    results: dict = {}
-    for name, case in CASES.items():
-        try:
-            results[name] = _run_case(*case, mesh=pair if case[0] == 2 else whole)
-        except Exception:
-            results[name] = {"error": f"rank {rank}:\n{traceback.format_exc()}"}
-    for name, (cp, method) in MODEL_CASES.items():
-        try:
-            results[name] = _run_model_case(cp, method, pair if cp == 2 else whole)
-        except Exception:
-            results[name] = {"error": f"rank {rank}:\n{traceback.format_exc()}"}
-    if rank == 0:
-        Path(result_path).write_text(json.dumps(results))
-    # Without this teardown gloo sometimes aborts the process at interpreter exit.
-    dist.barrier()
-    dist.destroy_process_group()
-    gc.collect()
+    cases = {name: (lambda c=case: _run_case(*c, mesh=pair if c[0] == 2 else whole)) for name, case in CASES.items()}
+    cases.update({name: (lambda c=case: _run_model_case(c[0], c[1], pair if c[0] == 2 else whole))
+                  for name, case in MODEL_CASES.items()})
+    return run_cases(rank, cases)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("cp")
-    result_path = tmp / "results.json"
-    mp.spawn(_worker, args=(str(tmp / "store"), str(result_path)), nprocs=WORLD, join=True)
-    return json.loads(result_path.read_text())
+    return run_on_ranks(_ranks, WORLD, tmp_path_factory.mktemp("cp"))
 
 
 @pytest.mark.parametrize("case", list(CASES))

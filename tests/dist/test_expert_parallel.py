@@ -9,17 +9,12 @@ balance loss, and the gradients of the input, the router and every expert (gathe
 
 from __future__ import annotations
 
-import datetime
-import gc
-import json
-import traceback
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from .spawn import run_cases, run_on_ranks
 from plait.model import NAMED_SIZES
 
 WORLD = 2
@@ -86,34 +81,16 @@ def _run_case(capacity_factor: float, rank: int, mesh) -> dict:
     return out
 
 
-def _worker(rank: int, store: str, result_path: str) -> None:
+def _ranks(rank: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
-    torch.set_num_threads(1)  # two processes on two cores
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
-    )
     mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("ep",))
-    results: dict = {}
-    for name, capacity_factor in CASES.items():
-        try:
-            results[name] = _run_case(capacity_factor, rank, mesh)
-        except Exception:
-            results[name] = {"error": f"rank {rank}:\n{traceback.format_exc()}"}
-    if rank == 0:
-        Path(result_path).write_text(json.dumps(results))
-    # Without this teardown gloo sometimes aborts the process at interpreter exit.
-    dist.barrier()
-    dist.destroy_process_group()
-    gc.collect()
+    return run_cases(rank, {name: (lambda c=factor: _run_case(c, rank, mesh)) for name, factor in CASES.items()})
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("ep")
-    result_path = tmp / "results.json"
-    mp.spawn(_worker, args=(str(tmp / "store"), str(result_path)), nprocs=WORLD, join=True)
-    return json.loads(result_path.read_text())
+    return run_on_ranks(_ranks, WORLD, tmp_path_factory.mktemp("ep"))
 
 
 @pytest.mark.parametrize("case", list(CASES))

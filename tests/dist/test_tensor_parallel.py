@@ -9,17 +9,11 @@ checks of `tensor_parallel_problems` are pure and run without processes.
 
 from __future__ import annotations
 
-import datetime
-import gc
-import json
-import traceback
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from .spawn import run_cases, run_on_ranks
 from plait.model import NAMED_SIZES, build_model
 from plait.parallel.tensor_parallel import (
     SEQUENCE_PARALLEL_PLAN,
@@ -101,44 +95,26 @@ def _run_layout(changes: dict, sequence_parallel: bool, mesh) -> dict:
     return out
 
 
-def _worker(rank: int, store: str, result_path: str) -> None:
+def _ranks(rank: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     from plait.parallel.tensor_parallel import apply_tensor_parallel
 
-    torch.set_num_threads(1)  # two processes on two cores
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
-    )
     mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",))
-    results: dict = {}
-    for name, (changes, sequence_parallel) in LAYOUTS.items():
-        # A failure is recorded per layout (both ranks fail alike), so one broken layout reports
-        # its own traceback and the others still run.
-        try:
-            results[name] = _run_layout(changes, sequence_parallel, mesh)
-        except Exception:
-            results[name] = {"error": f"rank {rank}:\n{traceback.format_exc()}"}
+    # A failure is recorded per layout (both ranks fail alike), so one broken layout reports its
+    # own traceback and the others still run.
+    results = run_cases(rank, {name: (lambda c=case: _run_layout(c[0], c[1], mesh)) for name, case in LAYOUTS.items()})
     try:
         apply_tensor_parallel(materialize_debug(vocab=255), mesh, sequence_parallel=False)
         results["rejects_bad_vocab"] = "no error raised"
     except ValueError as e:
         results["rejects_bad_vocab"] = str(e)
-    if rank == 0:
-        Path(result_path).write_text(json.dumps(results))
-    # Without this teardown gloo sometimes aborts the process at interpreter exit.
-    dist.barrier()
-    dist.destroy_process_group()
-    gc.collect()
+    return results
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("tp")
-    result_path = tmp / "results.json"
-    # mp.spawn raises with the worker's traceback if a worker fails or dies.
-    mp.spawn(_worker, args=(str(tmp / "store"), str(result_path)), nprocs=WORLD, join=True)
-    return json.loads(result_path.read_text())
+    return run_on_ranks(_ranks, WORLD, tmp_path_factory.mktemp("tp"))
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -10,17 +10,12 @@ single-process optimizer's, and the gathered Adam moments must equal torch's and
 
 from __future__ import annotations
 
-import datetime
-import gc
-import json
-import traceback
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+
+from .spawn import run_cases, run_on_ranks
 
 WORLD = 3
 STEPS = 4
@@ -93,29 +88,13 @@ def _run(rank: int) -> dict:
     return out
 
 
-def _worker(rank: int, store: str, result_path: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
-    )
-    try:
-        result = _run(rank)
-    except Exception:
-        result = {"error": f"rank {rank}:\n{traceback.format_exc()}"}
-    if rank == 0:
-        Path(result_path).write_text(json.dumps(result))
-    # Without this teardown gloo sometimes aborts the process at interpreter exit.
-    dist.barrier()
-    dist.destroy_process_group()
-    gc.collect()
+def _ranks(rank: int) -> dict:
+    return run_cases(rank, {"run": lambda: _run(rank)})
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("zero1")
-    result_path = tmp / "result.json"
-    mp.spawn(_worker, args=(str(tmp / "store"), str(result_path)), nprocs=WORLD, join=True)
-    out = json.loads(result_path.read_text())
+    out = run_on_ranks(_ranks, WORLD, tmp_path_factory.mktemp("zero1"))["run"]
     if "error" in out:
         pytest.fail(out["error"], pytrace=False)
     return out
