@@ -53,7 +53,7 @@ def load(run_dir: str | Path, step: int | None = None, device: str = "cpu") -> L
     """The model of a run directory at its `latest` checkpoint (or at `step`), in eval mode."""
     import torch
 
-    from plait.checkpoint import checkpoint_dir, latest_checkpoint, load_model_weights, read_state
+    from plait.checkpoint import checkpoint_dir, latest_checkpoint, load_model_weights, read_manifest
     from plait.data import load_tokenizer_dir
     from plait.model import build_model, materialize
 
@@ -70,7 +70,7 @@ def load(run_dir: str | Path, step: int | None = None, device: str = "cpu") -> L
             raise FileNotFoundError(f"{run_dir} has no complete checkpoint under {checkpoint_dir(run_dir)}")
     else:
         path = checkpoint_dir(run_dir) / f"step_{step}"
-    saved_step = int(read_state(path)["step"])
+    saved_step = int(read_manifest(path)["step"])
     args = resolve_model_args(cfg.model, tokenizer.vocab_size)
     model = materialize(build_model(args), torch.device(device), cfg.run.seed)
     load_model_weights(path, model)

@@ -141,7 +141,7 @@ def parse_size(text: str) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
-    from plait.checkpoint import latest_checkpoint
+    from plait.checkpoint import is_checkpoint, latest_checkpoint
     from plait.checkpoint.hf import export_to_hf, import_from_hf
 
     src, out = Path(args.src), Path(args.out)
@@ -154,10 +154,10 @@ def _cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
                   f"`plait train --config {out / 'config.toml'} --data.corpus=...`")
             return 0
         checkpoint = src
-        if not (src / "state.json").is_file():
+        if not is_checkpoint(src):
             found = latest_checkpoint(src)
             if found is None:
-                raise FileNotFoundError(f"convert --to-hf: {src} is not a plait checkpoint (no state.json) "
+                raise FileNotFoundError(f"convert --to-hf: {src} is not a plait checkpoint (no manifest.json) "
                                         "nor a run directory with one")
             checkpoint = found
         export_to_hf(checkpoint, out, shard_size=parse_size(args.shard_size), dtype=args.dtype,

@@ -131,6 +131,9 @@ class CheckpointSection:
     resume: bool = True
     # Always save once at the last step.
     save_final: bool = True
+    # Copy the state to host memory and write it in the background while training goes on
+    # (`checkpoint.async = true` is accepted too). The training waits only for the copy.
+    async_save: bool = False
 
 
 @dataclass
@@ -283,8 +286,13 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
     raise AssertionError(f"unsupported config annotation {annotation} for {where}")
 
 
+# Names that are not Python identifiers, accepted in configs for their field.
+ALIASES = {"checkpoint.async": "checkpoint.async_save"}
+
+
 def set_value(cfg: Config, dotted: str, value: Any) -> None:
     """Set `section.key` from a TOML value or a string, checking the name and the type."""
+    dotted = ALIASES.get(dotted, dotted)
     if "." not in dotted:
         raise ConfigError(
             f"'{dotted}' is not of the form section.key{_nearest(dotted, list(SECTIONS))}"

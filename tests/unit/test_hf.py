@@ -20,7 +20,7 @@ from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import plait
-from plait.checkpoint import save_checkpoint
+from plait.checkpoint import save_model_tensors
 from plait.checkpoint.hf import export_to_hf
 from plait.checkpoint.state import gather_model
 from plait.cli import main
@@ -56,7 +56,7 @@ def plait_run(tmp_path: Path, args: ModelArgs, seed: int = 0) -> tuple[torch.nn.
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
     state = {"config": resolved_config(Config(), args).to_dict(), "tokens_seen": 0, "loader": None}
-    path = save_checkpoint(tmp_path / "run", 7, gather_model(model, False), {}, [], state, keep_last=1)
+    path = save_model_tensors(tmp_path / "run", 7, gather_model(model, False), state)
     return model, path
 
 
@@ -248,7 +248,7 @@ def test_refusals(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
     assert main(["convert", "--to-hf", str(step), str(busy), "--force"]) == 0
     assert main(["convert", "--to-hf", str(step), str(step), "--force"]) == 2  # never over its own source
-    assert "is the source" in capsys.readouterr().err and (step / "model.safetensors").is_file()
+    assert "is the source" in capsys.readouterr().err and (step / "manifest.json").is_file()
     assert main(["convert", "--to-hf", str(step), str(tmp_path / "o2"), "--shard-size=lots"]) == 2
     assert "--shard-size" in capsys.readouterr().err
 

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from plait.checkpoint import check_model_tensors, read_state, save_checkpoint
+from plait.checkpoint import iter_model_tensors, read_manifest, save_model_tensors
 from plait.checkpoint.hf_config import (
     HF_PREFIX,
     HFConfigError,
@@ -57,27 +57,31 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def iter_checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, whole tensor) of a checkpoint's model weights, one tensor in memory at a time.
-    The only place export knows the checkpoint's file layout."""
-    file = str(Path(path) / "model.safetensors")
-    with safe_open(file, framework="pt") as f:
-        names = list(f.keys())
-    for name in names:
-        # Opened once per tensor: safe_open maps the whole file, and the pages a read touched stay
-        # resident until the file is closed, which would add up to the whole model.
-        with safe_open(file, framework="pt") as f:
-            tensor = f.get_tensor(name)
-        yield name, tensor
+    """(name, whole tensor) of a checkpoint's model weights, one tensor in memory at a time
+    (each assembled from the boxes the ranks saved)."""
+    yield from iter_model_tensors(path)
+
+
+def check_model_tensors(source: Path, tensors: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> None:
+    """Refuse, with names, weights that do not match the model's parameters."""
+    missing = sorted(set(shapes) - set(tensors))
+    unexpected = sorted(set(tensors) - set(shapes))
+    wrong = [f"{n} {tuple(tensors[n].shape)} vs {tuple(shapes[n])}" for n in shapes if n in tensors and tensors[n].shape != shapes[n]]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{source} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"shapes {wrong[:3]}); was it saved with a different model.* config?"
+        )
 
 
 def checkpoint_args(path: Path) -> tuple[ModelArgs, dict[str, Any]]:
-    """The model a checkpoint was saved with, and its full resolved config (from state.json)."""
+    """The model a checkpoint was saved with, and its full resolved config (from its manifest)."""
     from plait.config import Config, apply_dict, resolve_model_args
 
-    config = read_state(path).get("config") or {}
+    config = read_manifest(path).get("config") or {}
     if "model" not in config:
-        raise HFConfigError(f"{path}/state.json holds no config; was it written by plait train?")
-    cfg = apply_dict(Config(), {"model": config["model"]}, source=f"{path}/state.json")
+        raise HFConfigError(f"{path}/manifest.json holds no config; was it written by plait train?")
+    cfg = apply_dict(Config(), {"model": config["model"]}, source=f"{path}/manifest.json")
     return resolve_model_args(cfg.model), config
 
 
@@ -295,8 +299,8 @@ def import_from_hf(hf_dir: str | Path, out: str | Path, force: bool = False, pro
     (out / "config.toml").write_text(header + to_toml(cfg.to_dict()))
 
     state = {"plait_version": __version__, "tokens_seen": 0, "world_size": 1, "loader": None,
-             "config": cfg.to_dict(), "weights_only": True, "source": f"{HF_PREFIX}{hf_dir}"}
-    path = save_checkpoint(out, 0, tensors, {}, [], state, keep_last=1)
+             "config": cfg.to_dict(), "source": f"{HF_PREFIX}{hf_dir}"}
+    path = save_model_tensors(out, 0, tensors, state)
     progress(f"wrote {path} ({len(tensors)} tensors, weights only) and {out / 'config.toml'}")
     return path
 

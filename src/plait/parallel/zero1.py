@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from plait.config import OptimSection
 from plait.optim.adamw import param_groups
@@ -56,6 +56,21 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def _tp_sharded(p: torch.Tensor) -> bool:
     """Whether tensor-parallel ranks hold different elements of `p` (else they hold copies)."""
     return isinstance(p, DTensor) and any(placement.is_shard() for placement in p.placements)
+
+
+@dataclass(frozen=True)
+class ZeroStatePiece:
+    """Part of one parameter's Adam moment held by this rank: the elements [start, start +
+    flat.numel()) of its local tensor (of `local_shape`, at `global_offset` in the whole
+    parameter of `shape`) in row-major order. `flat` is a view of the live state."""
+
+    index: int
+    key: str
+    shape: tuple[int, ...]
+    local_shape: tuple[int, ...]
+    global_offset: tuple[int, ...]
+    start: int
+    flat: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -219,78 +234,53 @@ class Zero1AdamW(torch.optim.Optimizer):
         self._grad_slice = None
 
     def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError("Zero1AdamW state is per rank; use plait.checkpoint.state.gather_optimizer")
+        raise NotImplementedError("Zero1AdamW state is per rank; plait.checkpoint.sharded saves it with state_pieces")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        raise NotImplementedError("Zero1AdamW state is per rank; use plait.checkpoint.state.scatter_optimizer")
+        raise NotImplementedError("Zero1AdamW state is per rank; plait.checkpoint.sharded loads it with state_pieces")
 
-    # --- layout-free checkpoints: whole tensors keyed "<param>::<key>", as torch's AdamW ---
+    # --- sharded checkpoints: this rank's part of each parameter's whole state ---
+
+    @property
+    def steps(self) -> int:
+        return self._steps
 
     @torch.no_grad()
-    def gather_full_state(self, names: list[str], keep: bool) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-        """Whole Adam moments per parameter name ("<name>::exp_avg", ...) and the groups'
-        hyperparameters with their parameters' names, on the CPU where `keep`, else empty.
-        A collective: every rank of the job calls it. `names` follow the groups' order."""
-        groups = [
-            {**{k: v for k, v in inner.items() if k != "params"}, **{k: group[k] for k in _HYPER},
-             "params": [names[i] for i in self._group_indices(g)]}
-            for g, (group, inner) in enumerate(zip(self.param_groups, self._inner.param_groups))
-        ]
-        if self._steps == 0:  # no state yet, as a fresh torch optimizer
-            return {}, groups if keep else []
-        tensors: dict[str, torch.Tensor] = {}
-        for key in _MOMENTS:
-            slice_ = torch.zeros_like(self._param_slice)
+    def set_steps(self, steps: int) -> None:
+        """The step count after loading the moments (AdamW's bias correction uses it)."""
+        self._steps = steps
+        for state in self._inner.state.values():
+            state["step"].fill_(float(steps))
+
+    @torch.no_grad()
+    def state_pieces(self) -> list[ZeroStatePiece]:
+        """This rank's part of every parameter's Adam moments, as views of the live state (zeros
+        are created first when there is none yet, so a checkpoint can be loaded into them)."""
+        if not self._inner.state:
             for view in self._views:
                 if view is not None:
-                    a, b, tensor = view
-                    slice_[a:b] = self._inner.state[tensor][key]
-            bucket = self._all_gather(slice_)
-            for piece in self._pieces:
-                p = piece.param
-                local = bucket[piece.start : piece.start + piece.numel].view(_local(p).shape)
-                if isinstance(p, DTensor):  # a collective over the tp ranks
-                    local = DTensor.from_local(
-                        local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
-                    ).full_tensor()
-                if keep:
-                    tensors[f"{names[piece.index]}::{key}"] = local.cpu().clone()
-        if keep:
-            step = torch.tensor(float(self._steps), dtype=torch.float32)  # torch's AdamW keeps a float32 step
-            for name in names:
-                tensors[f"{name}::step"] = step.clone()
-        return tensors, groups if keep else []
-
-    @torch.no_grad()
-    def load_full_state(self, per_param: dict[str, dict[str, torch.Tensor]], groups: list[dict[str, Any]], names: list[str]) -> None:
-        """Take this rank's slice of whole per-parameter state (as `gather_full_state` writes it,
-        or torch's AdamW under any layout). Every rank passes the same whole tensors; no
-        communication. Raises ValueError naming a parameter the state lacks."""
-        for group, saved in zip(self.param_groups, groups):
-            group.update({k: tuple(saved[k]) if k == "betas" else saved[k] for k in _HYPER if k in saved})
-        if not per_param:
-            return
-        missing = [n for n in names if n not in per_param or any(k not in per_param[n] for k in (*_MOMENTS, "step"))]
-        if missing:
-            raise ValueError(f"optimizer state lacks {missing[:3]} (of {len(missing)} parameters)")
-        slices = {key: torch.zeros_like(self._param_slice) for key in _MOMENTS}
+                    tensor = view[2]
+                    self._inner.state[tensor] = {
+                        "step": torch.tensor(0.0, dtype=torch.float32),
+                        **{key: torch.zeros_like(tensor) for key in _MOMENTS},
+                    }
+        group_start = {}  # parameter index -> (its group's start in the slice, the group's view)
+        for g, view in enumerate(self._views):
+            for i in self._group_indices(g):
+                group_start[i] = view
+        pieces = []
         for piece, a, b in self._overlaps:
-            p, state = piece.param, per_param[names[piece.index]]
+            ga, _, tensor = group_start[piece.index]
+            p = piece.param
+            offset = (0,) * p.dim()
+            if isinstance(p, DTensor):
+                from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+                offset = tuple(compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)[1])
             for key in _MOMENTS:
-                full = state[key].to(device=self._param_slice.device, dtype=self._param_slice.dtype)
-                if isinstance(p, DTensor):  # this rank's shard of the whole tensor, cut locally
-                    full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
-                slices[key][a - self._lo : b - self._lo] = full.reshape(-1)[a - piece.start : b - piece.start]
-        steps = int(per_param[names[0]]["step"].item())
-        self._inner.state.clear()
-        for view in self._views:
-            if view is not None:
-                a, b, tensor = view
-                self._inner.state[tensor] = {
-                    "step": torch.tensor(float(steps), dtype=torch.float32),
-                    **{key: slices[key][a:b].clone() for key in _MOMENTS},
-                }
-        self._steps = steps
+                flat = self._inner.state[tensor][key][a - self._lo - ga : b - self._lo - ga]
+                pieces.append(ZeroStatePiece(piece.index, key, tuple(p.shape), tuple(_local(p).shape), offset, a - piece.start, flat))
+        return pieces
 
     def _group_indices(self, g: int) -> range:
         before = sum(len(group["params"]) for group in self.param_groups[:g])

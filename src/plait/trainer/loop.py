@@ -7,6 +7,7 @@ does not depend on how the batch is split.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from contextlib import nullcontext
@@ -18,9 +19,20 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from plait._version import __version__
-from plait.checkpoint import latest_checkpoint, save_checkpoint
+from plait.checkpoint import latest_checkpoint
 from plait.checkpoint.hf import init_model_from
-from plait.checkpoint.state import gather_model, gather_optimizer, restore_checkpoint
+from plait.checkpoint.sharded import (
+    CheckpointError,
+    Checkpointer,
+    find_intact,
+    model_chunks,
+    optimizer_chunks,
+    optimizer_groups,
+    remove_unfinished,
+    restore,
+    rng_chunks,
+)
+from plait.checkpoint.state import gather_model
 from plait.config import Config, ConfigError, resolve_degrees, resolve_model_args, validate, with_resolved_zero_stage
 from plait.data import TrainLoader, build_data, iter_eval_batches, save_tokenizer
 from plait.hardware import peak_flops
@@ -139,7 +151,14 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     autocast = autocast_for(device, derived.dtype)
 
     step, tokens_seen = 0, 0
-    checkpoint = latest_checkpoint(run_dir)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save, distributed, print)
+    early_log: list[str] = []  # said once the progress display exists
+    if main:
+        early_log += remove_unfinished(run_dir)
+    try:
+        checkpoint = find_intact(run_dir, early_log.append, dist_info.rank, dist_info.world_size, checkpointer.group)
+    except CheckpointError as err:
+        raise ConfigError(f"cannot resume run.dir = {str(run_dir)!r}: {err}") from None
     if checkpoint is not None and not cfg.checkpoint.resume:
         raise ConfigError(
             f"run.dir = {str(run_dir)!r} already holds checkpoints ({checkpoint.name}) and "
@@ -148,7 +167,7 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     if checkpoint is not None:
         shapes = {name: p.shape for name, p in build_model(args).state_dict().items()}  # meta: free
         try:
-            restored = restore_checkpoint(checkpoint, model, optimizer, distributed, shapes)
+            restored = restore(checkpoint, model, optimizer, shapes, dist_info.rank, checkpointer.group, distributed)
             if restored["loader"] is not None:  # None: a weights-only (imported) checkpoint
                 loader.load_state_dict(restored["loader"])
         except ValueError as err:  # a different model or data shape than the one saved
@@ -162,6 +181,8 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
         write_run_config(run_dir, cfg, derived)
         save_tokenizer(data.tokenizer, run_dir)
     progress = ProgressDisplay(cfg.run.progress if main else "none", t.steps, step)
+    for line in early_log if main else []:
+        progress.print(line)
     if checkpoint is not None:
         progress.print(f"resumed from {checkpoint} (step {step}, {human(tokens_seen)} tokens)")
     progress.print(
@@ -178,16 +199,17 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     metrics = MetricsLogger(run_dir, cfg.run.tensorboard) if main else None
 
     def save(at_step: int) -> None:
-        # Whole tensors are gathered onto rank 0 (a collective), which writes; the others wait.
-        model_tensors = gather_model(model, distributed)
-        optim_tensors, optim_groups = gather_optimizer(model, optimizer, distributed, main)
-        if main:
-            state = {
-                "plait_version": __version__, "tokens_seen": tokens_seen, "world_size": dist_info.world_size,
-                "loader": loader.state_dict(), "config": cfg.to_dict(),
-            }
-            save_checkpoint(run_dir, at_step, model_tensors, optim_tensors, optim_groups, state, cfg.checkpoint.keep_last)
-        barrier(dist_info)
+        # Every rank writes its own part of the state (a collective); see plait.checkpoint.sharded.
+        chunks = {**model_chunks(model), **optimizer_chunks(model, optimizer), **rng_chunks(dist_info.rank)}
+        manifest = {
+            "plait_version": __version__, "tokens_seen": tokens_seen, "world_size": dist_info.world_size,
+            "layout": {**dataclasses.asdict(layout.degrees), "zero_stage": cfg.parallel.zero_stage},
+            # One global position: every data-parallel rank of any layout takes its share of it.
+            "loader": loader.state_dict(),
+            "loader_ranks": [loader.sequences_consumed + r * loader.local_batch_sequences for r in range(dp)],
+            "optimizer_groups": optimizer_groups(optimizer), "config": cfg.to_dict(),
+        }
+        checkpointer.save(at_step, chunks, manifest)
 
     # The layout's clipping (apply.py): torch's cannot mix plain and DTensor gradients, as tensor
     # parallelism and expert parallelism (experts on the ep mesh) do, and ZeRO-1 holds the averaged gradients in its optimizer.
@@ -266,6 +288,10 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
             paused = True
         if paused:  # evaluation and saving are not training: restart the throughput window
             window_start, window_tokens = time.perf_counter(), 0
+    checkpointer.wait()  # a background save finishes before the run reports success
+    if checkpointer.stalls:
+        progress.print(f"checkpoints: {len(checkpointer.stalls)} saved, training stalled {sum(checkpointer.stalls):.2f} s "
+                       f"in all ({'async' if cfg.checkpoint.async_save else 'sync'})")
     progress.close()
 
     sample, plain = None, module
