@@ -1,4 +1,5 @@
-"""The collective byte counter against the ZeRO formulas (PAPERS.md), on real gloo jobs."""
+"""The collective byte counter against the formulas (ZeRO, tensor, expert and Ulysses context
+parallelism; bench/comm_volume.py states them), on real gloo jobs."""
 
 from __future__ import annotations
 
