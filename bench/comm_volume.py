@@ -186,7 +186,7 @@ def main() -> int:
         rows.append(row)
     context_rows = [r for r in rows if "context_measured_bytes" in r]
     if context_rows:
-        print(f"\ncontext-parallel attention alone (all-to-all or send bytes per rank per step)")
+        print("\ncontext-parallel attention alone (all-to-all or send bytes per rank per step)")
         print(f"{'layout':<18}{'ranks':>6}{'measured B/rank':>17}{'formula B/rank':>16}{'ratio':>8}")
         for r in context_rows:
             m, f = r["context_measured_bytes"], r["context_formula_bytes"]
