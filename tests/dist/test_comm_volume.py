@@ -1,4 +1,5 @@
-"""The collective byte counter against the ZeRO formulas (PAPERS.md), on real gloo jobs."""
+"""The collective byte counter against the formulas (ZeRO, tensor, expert and Ulysses context
+parallelism; bench/comm_volume.py states them), on real gloo jobs."""
 
 from __future__ import annotations
 
@@ -78,3 +79,17 @@ def test_expert_parallel_all_to_all_bytes_match_routing():
     assert sum(r["sent_assignments"]) > 0 and sum(r["received_assignments"]) > 0
     # Routing is uneven but not wildly so for this model: the planning formula is close.
     assert a2a["wire_bytes"] == pytest.approx(uniform, rel=0.2)
+
+
+def test_ulysses_all_to_all_bytes_match_formula():
+    """Ulysses cp 2: per layer, forward all-to-alls of q (H heads), k, v (K heads) and the output
+    (H), each sending (cp-1)/cp of its local bytes, and their inverses in backward; the gradients
+    are then averaged over the cp ranks by DDP like a data-parallel all-reduce."""
+    r = counted(2, ["--parallel.cp_degree=2", "--parallel.cp_method=ulysses"])
+    assert r["kv_heads"] < r["heads"]  # grouped-query attention: k and v are smaller than q
+    tokens = 64 // 2  # the bench's sequences of 64 tokens, half on each rank
+    per_pass = r["layers"] * (2 - 1) / 2 * 8 * tokens * r["head_dim"] * (2 * r["heads"] + 2 * r["kv_heads"]) * 4
+    a2a = r["by_kind"]["all_to_all"]
+    assert a2a["calls"] == 2 * 4 * r["layers"]
+    assert a2a["wire_bytes"] == 2 * per_pass
+    assert r["by_kind"]["all_reduce"]["payload_bytes"] == 4 * r["params"]

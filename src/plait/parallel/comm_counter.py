@@ -7,6 +7,8 @@ convention of PAPERS.md: for a payload of M bytes over n ranks, all-reduce 2(n-1
 (M = the gathered output) and reduce-scatter (M = the unreduced input) (n-1)/n M, all-to-all
 (n-1)/n M, broadcast M (a pipelined ring forwards the whole payload once). An all-to-all with
 uneven splits (expert parallelism) counts exactly what leaves the rank: M minus its own block.
+Point-to-point sends (`isend`, `batch_isend_irecv`: ring attention, pipeline stages) count their
+whole payload as kind "send"; receives are not counted (they are another rank's sends).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ _C10D = {
     "c10d.reduce_scatter_tensor_coalesced_": ("reduce_scatter", 1, 2),
     "c10d.broadcast_": ("broadcast", 0, 1),
     "c10d.alltoall_base_": ("all_to_all", 1, 2),
+    "c10d.send": ("send", 0, 1),
     "_c10d_functional.all_reduce": ("all_reduce", 0, 2),
     "_c10d_functional.all_gather_into_tensor": ("all_gather_in", 0, 2),
     "_c10d_functional.reduce_scatter_tensor": ("reduce_scatter", 0, 3),
@@ -55,7 +58,7 @@ _C10D = {
 }
 _FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
            "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n,
-           "broadcast": lambda n: 1.0 if n > 1 else 0.0}
+           "broadcast": lambda n: 1.0 if n > 1 else 0.0, "send": lambda n: 1.0}
 
 
 class CommCounter(TorchDispatchMode):
