@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from plait.checkpoint import save_checkpoint
+from plait.checkpoint import save_model_tensors
 from plait.checkpoint.state import gather_model
 from plait.cli import parse_size
 from plait.config import Config
@@ -57,7 +57,7 @@ def main() -> None:
         tensors = gather_model(model, False)
         model_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         state = {"config": resolved_config(Config(), args).to_dict(), "tokens_seen": 0, "loader": None}
-        step = save_checkpoint(Path(tmp) / "run", 1, tensors, {}, [], state, keep_last=1)
+        step = save_model_tensors(Path(tmp) / "run", 1, tensors, state)
         del model, tensors
         for text in opts.shard_sizes.split(","):
             size = parse_size(text)
