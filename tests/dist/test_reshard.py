@@ -1,7 +1,7 @@
 """The resharding matrix: a checkpoint saved under one layout resumes under another and the
 training continues on the same loss curve.
 
-Two source runs train the debug config for 20 steps with a checkpoint at step 10 (and are
+Three source runs train the debug config for 20 steps with a checkpoint at step 10 (and are
 themselves parity rows: their curves match the single process). Each target layout resumes the
 step-10 checkpoint and trains steps 11..20; every continuation must match the single-process
 curve's steps 11..20 within the parity bounds (the first resumed step within 1e-4, since the
@@ -21,11 +21,12 @@ from .layouts import BASE, STEPS, assert_parity, plait_cli, run_layout, train_lo
 
 ZERO3_X4 = (4, ["--parallel.dp_shard_degree=4", "--parallel.zero_stage=3"])
 TP2_PP2 = (4, ["--parallel.pp_degree=2", "--parallel.tp_degree=2"])
+ZERO1_X2_TP2 = (4, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=1", "--parallel.tp_degree=2"])
 
 TARGETS = {
     "single": (1, []),
     "tp2": (2, ["--parallel.tp_degree=2"]),
-    "zero1-x2-tp2": (4, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=1", "--parallel.tp_degree=2"]),
+    "zero1-x2-tp2": ZERO1_X2_TP2,
     "pp2": (2, ["--parallel.pp_degree=2"]),
 }
 
@@ -85,3 +86,11 @@ def test_every_rank_wrote_its_own_shards(zero3_x4_run):
     assert set(manifest["files"]) == {*files, ".metadata.json"}
     assert manifest["layout"]["dp_shard"] == 4 and manifest["layout"]["zero_stage"] == 3
     assert manifest["loader"]["sequences_consumed"] == 10 * 32
+
+
+def test_zero1_tp2_checkpoint_resumes_as_single_process(tmp_path_factory, reference, tmp_path):
+    """ZeRO-1 saves its flat slices of tensor-parallel shards as boxes of the whole moments: one
+    process (a plain torch AdamW) resumes them on the same curve."""
+    source = _source(tmp_path_factory, reference, ZERO1_X2_TP2)
+    losses = resume_at_step_10(source, tmp_path / "single", TARGETS["single"])
+    assert_parity(reference[10:], losses, first_rel=1e-4)
