@@ -46,7 +46,10 @@ def zero3_x4_run(tmp_path_factory, reference) -> Path:
 
 @pytest.fixture(scope="module")
 def tp2_pp2_run(tmp_path_factory, reference) -> Path:
-    return _source(tmp_path_factory, reference, TP2_PP2)
+    # Saved in the background (checkpoint.async): 4 ranks writing from a thread over their own
+    # process group while the pipeline trains on.
+    nproc, overrides = TP2_PP2
+    return _source(tmp_path_factory, reference, (nproc, [*overrides, "--checkpoint.async=true"]))
 
 
 def resume_at_step_10(source: Path, run_dir: Path, layout: tuple[int, list[str]]) -> list[float]:
