@@ -30,15 +30,17 @@ def test_report_names_who_did_not_arrive():
         2: Heartbeat(step=6, phase="after", beat=8),  # alive, but still saving after step 6
         3: Heartbeat(step=7, phase="step", beat=9),
         4: None,  # never reported
-        5: Heartbeat(step=9, phase="closed", beat=2),  # raised and left the loop: sets no pace
+        5: Heartbeat(step=9, phase="closed", beat=2),  # left the loop: sets no pace
+        6: Heartbeat(step=7, phase="step", beat=9, error="RuntimeError: CUDA out of memory"),  # raised alone
     }
-    line = stall_report(3, 6, trip, records, silent={1}, window_s=2)
+    line = stall_report(3, 7, trip, records, silent={1}, window_s=2)
     assert line.startswith("watchdog (rank 3): step 7 exceeded 20 s on rank 0; ")
     assert "rank 1 did not arrive (no heartbeat for 2 s: stopped, dead or unreachable; last seen in step 7, last finished step 6)" in line
     assert "rank 2 did not arrive (alive, still in the log, evaluation or save after step 6)" in line
     assert "rank 4 did not arrive (never reported" in line
     assert "ranks 0,3 waiting in step 7" in line
     assert "rank 5 left the training loop" in line
+    assert "rank 6 failed (RuntimeError: CUDA out of memory; its traceback is in its log)" in line
     assert line.endswith(f"exiting with code {EXIT_CODE}")
 
 

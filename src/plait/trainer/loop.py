@@ -103,9 +103,16 @@ def train(cfg: Config) -> TrainResult:
                 cfg, message = nan_guard.roll_back(request, latest_checkpoint(cfg.run_dir), cfg)
                 if dist_info.is_main and cfg.run.progress != "none":
                     print(message, flush=True)
+    except BaseException as err:
+        watchdog.note_error(err)
+        raise
     finally:
-        watchdog.close()
-        shutdown(dist_info)
+        try:
+            # Still watched: a rank that raised alone waits here for ranks blocked in a collective
+            # (or its collective timed out first); the watchdog then reports and ends the job.
+            shutdown(dist_info)
+        finally:
+            watchdog.close()
 
 
 def _train(cfg: Config, dist_info: DistInfo, watchdog: Watchdog, nan_guard: NanGuard) -> TrainResult:

@@ -31,6 +31,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -54,6 +55,7 @@ class Heartbeat:
     beat: int = 0
     answered: bool = False  # it saw the trip and dumped its stacks: alive
     where: str = ""  # its main thread's innermost frame, filled in when it answers the trip
+    error: str = ""  # the error it raised, when it failed and now waits to leave the job
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -137,7 +139,9 @@ def stall_report(
     waiting: dict[str, list[int]] = {}
     for rank in range(world_size):
         rec = records.get(rank)
-        if rec is not None and rec.phase == "closed":
+        if rec is not None and rec.error:
+            late.setdefault(f"failed ({rec.error}; its traceback is in its log)", []).append(rank)
+        elif rec is not None and rec.phase == "closed":
             waiting.setdefault("left the training loop (it finished, or failed: see its own error)", []).append(rank)
         elif rec is None:
             late.setdefault("did not arrive (never reported: stuck in start-up, or it cannot reach the job's store)",
@@ -206,6 +210,7 @@ class Watchdog:
         self._seen_trip: Trip | None = None
         self._store: Any = None
         self._store_problem: str | None = None
+        self._error: BaseException | None = None
         self._wake, self._stop = threading.Event(), threading.Event()
         self._threads: list[threading.Thread] = []
         if self.timeout_s > 0:
@@ -240,6 +245,16 @@ class Watchdog:
         self._wake.set()
         for thread in self._threads:
             thread.join(timeout=max(2 * self.poll_s, 1.0))
+
+    def note_error(self, err: BaseException) -> None:
+        """This rank raised and is leaving: stay armed (it may now wait on ranks blocked in a
+        collective), and tell the others why, should the deadline run out."""
+        if not self._threads:
+            return
+        with self._lock:
+            self._beat.error = f"{type(err).__name__}: {err}"[:300]
+            self._error = err
+        self._wake.set()
 
     def _mark(self, step: int, phase: str, allowance: float | None) -> None:
         if not self._threads:
@@ -308,6 +323,10 @@ class Watchdog:
                 out.write(f"{head}; Python stacks of every thread of rank {self.rank}:\n")
                 out.flush()
                 faulthandler.dump_traceback(file=out, all_threads=True)
+                if self._error is not None:  # it would be lost: os._exit ends the process before Python prints it
+                    out.write(f"watchdog (rank {self.rank}): this rank raised, and then waited for the others:\n")
+                    out.write("".join(traceback.format_exception(self._error)))
+                out.flush()
             except (OSError, ValueError, AttributeError):  # no file descriptor: the report line still goes out
                 pass
             try:
