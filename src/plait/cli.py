@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"plait: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # a NaN or infinite loss that train.nan_policy could not go past
+        print(f"plait: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("plait: interrupted; the last complete checkpoint is kept", file=sys.stderr)
         return 130

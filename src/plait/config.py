@@ -100,6 +100,13 @@ class TrainSection:
     # Tokens to sample at the end of the run (0: no sample).
     sample_tokens: int = 200
     sample_prompt: str = "def "
+    # Seconds a step (and, separately, the log, evaluation and save after it) may take before
+    # every rank dumps its Python stacks, the log names the rank that did not arrive, and the job
+    # exits with code 124. The first step gets three times as long (compilation). 0: off.
+    watchdog_timeout: float = 600.0
+    # A NaN or infinite loss (or gradient norm): "stop" naming the step and the rank, "skip" the
+    # step (no update), or "rollback" to the newest checkpoint, passing over that batch.
+    nan_policy: Literal["stop", "skip", "rollback"] = "stop"
 
 
 @dataclass

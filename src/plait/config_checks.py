@@ -50,6 +50,16 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _require(value >= 1, f"train.{key} = {value} must be at least 1")
     _require(t.eval_every >= 0, f"train.eval_every = {t.eval_every} must be >= 0 (0: never)")
     _require(t.sample_tokens >= 0, f"train.sample_tokens = {t.sample_tokens} must be >= 0")
+    _require(
+        t.watchdog_timeout == 0 or 1 <= t.watchdog_timeout < math.inf,
+        f"train.watchdog_timeout = {t.watchdog_timeout} must be 0 (off) or a number of seconds of at least 1; "
+        f"the default 600 allows for slow steps",
+    )
+    _require(
+        t.nan_policy != "rollback" or c.every > 0,
+        "train.nan_policy = \"rollback\" returns to the newest checkpoint, but checkpoint.every = 0 saves only at "
+        "the end; set checkpoint.every (e.g. 100) or train.nan_policy = \"stop\" or \"skip\"",
+    )
     per_forward = t.seq_len * t.micro_batch_size
     if t.global_batch_tokens % t.seq_len:
         lower = max(t.seq_len, t.global_batch_tokens // t.seq_len * t.seq_len)

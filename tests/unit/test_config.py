@@ -54,6 +54,10 @@ def test_overrides_both_forms_and_types():
         ("--parallel.tp_degree=4", "model.kv_heads = 2 is smaller than parallel.tp_degree = 4"),
         ("--parallel.tp_degree=2 --train.compile=true", "train.compile = true with parallel.tp_degree > 1"),
         ("--checkpoint.keep_last=0", "checkpoint.keep_last = 0 must be at least 1"),
+        ("--train.watchdog_timeout=0.5", "train.watchdog_timeout = 0.5 must be 0 (off) or a number of seconds of at least 1"),
+        ("--train.nan_policy=skp", "train.nan_policy = 'skp' is not one of ['stop', 'skip', 'rollback']; did you mean 'skip'"),
+        ("--train.nan_policy=rollback --checkpoint.every=0",
+         'train.nan_policy = "rollback" returns to the newest checkpoint, but checkpoint.every = 0 saves only at the end'),
         ("steps=3", "unexpected argument 'steps=3'"),
     ],
 )

@@ -82,6 +82,35 @@ def mean_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return total / info.world_size
 
 
+def min_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The minimum of an integer scalar over all ranks (the value itself on one process)."""
+    if info.world_size == 1:
+        return value
+    low = value.detach().clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    return low
+
+
+@dataclass(frozen=True)
+class StoreAddress:
+    """Where the job's c10d key-value store listens (torchrun's agent hosts it), and a key prefix
+    unique to this run and restart, so that a restarted job does not read the last attempt's keys."""
+
+    host: str
+    port: int
+    prefix: str
+
+
+def job_store_address() -> StoreAddress | None:
+    """The job's TCPStore as torchrun announced it; None outside a multi-process job."""
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if launched_world_size() == 1 or not host or not port:
+        return None
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return StoreAddress(host=host, port=int(port), prefix=f"plait/{run_id}/{restart}/")
+
+
 def shutdown(info: DistInfo) -> None:
     """Leave the job cleanly: without the barrier and gc, gloo threads freed during interpreter
     shutdown sometimes abort a worker that finished correctly."""

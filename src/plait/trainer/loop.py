@@ -45,9 +45,11 @@ from plait.parallel.tensor_parallel import loss_parallel_context, tp_cross_entro
 from plait.parallel.data_parallel import gradient_sync
 from plait.parallel.distributed import DistInfo, barrier, init_distributed, launched_world_size, mean_across_ranks, shutdown
 from plait.trainer.metrics import MetricsLogger
+from plait.trainer.nan_guard import NanGuard, RollbackRequested
 from plait.trainer.progress import ProgressDisplay, human
 from plait.trainer.router_metrics import RouterMetrics
 from plait.trainer.setup import config_lines, derive, memory_bytes, pick_device, resolved_config, write_run_config
+from plait.trainer.watchdog import Watchdog, start_watchdog
 
 
 @dataclass
@@ -102,13 +104,30 @@ def train(cfg: Config) -> TrainResult:
     validate(cfg, launched_world_size())
     cfg = with_resolved_zero_stage(cfg, launched_world_size())  # "auto" (-1) becomes 0 or 3
     dist_info = init_distributed(pick_device(cfg.train.device))
+    watchdog = start_watchdog(cfg.train.watchdog_timeout, dist_info.rank, dist_info.world_size)
+    nan_guard = NanGuard(cfg.train.nan_policy, dist_info)
     try:
-        return _train(cfg, dist_info)
+        while True:
+            try:
+                return _train(cfg, dist_info, watchdog, nan_guard)
+            except RollbackRequested as request:  # train.nan_policy = "rollback": start again from the newest checkpoint
+                watchdog.pause()
+                cfg, message = nan_guard.roll_back(request, latest_checkpoint(cfg.run_dir), cfg)
+                if dist_info.is_main and cfg.run.progress != "none":
+                    print(message, flush=True)
+    except BaseException as err:
+        watchdog.note_error(err)
+        raise
     finally:
-        shutdown(dist_info)
+        try:
+            # Still watched: a rank that raised alone waits here for ranks blocked in a collective
+            # (or its collective timed out first); the watchdog then reports and ends the job.
+            shutdown(dist_info)
+        finally:
+            watchdog.close()
 
 
-def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
+def _train(cfg: Config, dist_info: DistInfo, watchdog: Watchdog, nan_guard: NanGuard) -> TrainResult:
     t, o = cfg.train, cfg.optim
     device, main = dist_info.device, dist_info.is_main
     layout = build_layout(resolve_degrees(cfg.parallel, dist_info.world_size), device)
@@ -220,34 +239,51 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     window_start, window_tokens = time.perf_counter(), 0
     while step < t.steps:
         step += 1
+        watchdog.step_started(step)
         lr = lr_at(step, t.steps, o)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        batch = loader.next_batch().to(device, non_blocking=True)
+        batch = nan_guard.next_batch(loader).to(device, non_blocking=True)
         micro_batches = batch.split(derived.micro_batch_size) if pipeline is None else ()
+        step_loss = torch.zeros((), device=device)
         if pipeline is not None:
-            loss_sum += pipeline.train_step(batch)
+            step_loss += pipeline.train_step(batch)
         for i, micro in enumerate(micro_batches):
             with gradient_sync(model, last_micro_batch=i == len(micro_batches) - 1), loss_parallel_context(tp):
                 loss = lm_loss(model, micro, autocast, cp) / derived.accumulation_steps
                 aux = router.aux_loss()
                 aux = aux / derived.accumulation_steps if aux is not None else None
                 (loss + aux if aux is not None else loss).backward()
-            loss_sum += loss.detach()
+            step_loss += loss.detach()
             router.observe(aux)
         grad_norm = clip_grad_norm(o.grad_clip) if o.grad_clip > 0 else None
         if isinstance(grad_norm, DTensor):  # sharded gradients: the norm is a DTensor too
             grad_norm = grad_norm.full_tensor()
-        optimizer.step()
+        offender = nan_guard.find_offender(step_loss, grad_norm)  # a NaN or inf anywhere; all ranks agree
+        if offender is None:
+            optimizer.step()
+            loss_sum += step_loss
+            logged_steps += 1
+        else:
+            if nan_guard.policy != "skip":  # "stop" and "rollback" leave by raising
+                if metrics is not None:
+                    metrics.close()
+                progress.close()
+                if nan_guard.policy == "rollback":
+                    # Every rank agrees on the rollback: let a background save finish before the
+                    # restart looks for the newest checkpoint (and clears unfinished ones).
+                    checkpointer.wait()
+            progress.print(nan_guard.handle(step, offender, lr))
         optimizer.zero_grad(set_to_none=True)
         tokens_seen += derived.tokens_per_step
         window_tokens += derived.tokens_per_step
-        logged_steps += 1
         router.end_step()
+        watchdog.step_finished(step)
 
         if step % t.log_every == 0 or step == t.steps:
-            last_loss = mean_across_ranks(loss_sum, dist_info).item() / logged_steps
+            # Skipped steps (train.nan_policy = "skip") are left out of the mean; NaN if all were.
+            last_loss = mean_across_ranks(loss_sum, dist_info).item() / logged_steps if logged_steps else math.nan
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_tokens / elapsed
             mfu = tokens_per_s * derived.flops_per_token / peak if peak else None
@@ -258,14 +294,10 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
             if mfu is not None:
                 record["mfu"] = mfu / dist_info.world_size  # per-GPU utilisation
             record.update(router.window_record(dist_info))  # MoE only: aux_loss, moe_load_max, moe_drop_rate
+            record.update(nan_guard.metrics())  # skipped_steps or rollbacks, under those policies
             if metrics is not None:
                 metrics.log("train", step, **record)
             progress.update(step, last_loss, tokens_per_s, mfu, mem)
-            if not math.isfinite(last_loss):
-                if metrics is not None:
-                    metrics.close()
-                progress.close()
-                raise FloatingPointError(f"loss is {last_loss} at step {step}; lower optim.lr or check the data")
             loss_sum.zero_()
             logged_steps = 0
             window_start, window_tokens = time.perf_counter(), 0
@@ -292,6 +324,7 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     if checkpointer.stalls:
         progress.print(f"checkpoints: {len(checkpointer.stalls)} saved, training stalled {sum(checkpointer.stalls):.2f} s "
                        f"in all ({'async' if cfg.checkpoint.async_save else 'sync'})")
+    watchdog.close()  # the final sample is not a step
     progress.close()
 
     sample, plain = None, module
