@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import plait
+from plait.checkpoint import iter_model_tensors
 import plait.trainer.loop as loop
 from plait.config import build_config
 from plait.data import TrainLoader
@@ -42,7 +42,7 @@ def train_lines(run_dir: Path) -> list[dict]:
 
 
 def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "checkpoints" / f"step_{step}" / "model.safetensors"))
+    return dict(iter_model_tensors(run_dir / "checkpoints" / f"step_{step}"))
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_rollback_skips_the_bad_batch_and_finishes(tmp_path, poisoned_batch):
     assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert lines[3]["rollbacks"] == 0 and lines[-1]["rollbacks"] == 1
     assert all(math.isfinite(x["loss"]) for x in lines)
-    state = json.loads((tmp_path / "checkpoints" / "step_8" / "state.json").read_text())
+    state = json.loads((tmp_path / "checkpoints" / "step_8" / "manifest.json").read_text())
     assert state["loader"]["sequences_consumed"] == 9 * 16  # 8 steps trained, one batch passed over
 
 
