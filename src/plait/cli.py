@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from plait.config import ConfigError, build_config, to_toml
+from plait.launch import DEFAULT_MAX_RESTARTS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,8 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--nproc-per-node", type=int, default=None, help="workers on this node")
     launch.add_argument("--nnodes", type=int, default=1, help="nodes in the job")
     launch.add_argument("--node-rank", type=int, default=None, help="this node's rank (multi-node)")
-    launch.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous (multi-node)")
-    launch.add_argument("--max-restarts", type=int, default=0, help="restarts of the whole job on a failure")
+    launch.add_argument("--rdzv-endpoint", default=None,
+                        help="HOST:PORT of the rendezvous (multi-node); without it everything listens on 127.0.0.1 only")
+    launch.add_argument("--max-restarts", type=int, default=DEFAULT_MAX_RESTARTS,
+                        help="restarts of the worker group after a worker fails; each resumes from the newest "
+                        f"checkpoint (default {DEFAULT_MAX_RESTARTS}: a one-off crash costs the steps since the last "
+                        "checkpoint, a repeating error at most one wasted replay)")
 
     p = sub.add_parser("prepare", help="pre-tokenize a corpus into memory-mapped binary shards")
     p.add_argument("--config", help="TOML config file; only [data] is used")

@@ -1,14 +1,16 @@
-"""The launcher's checks that need no worker: GPUs per node, and the torchrun command line."""
+"""The launcher's checks that need no worker: GPUs per node, the torchrun command line, the workers'
+environment, the loopback rendezvous's refusals."""
 
 from __future__ import annotations
 
 import argparse
+import socket
 
 import pytest
 import torch
 
 from plait.config import ConfigError
-from plait.launch import torchrun_command
+from plait.launch import DEFAULT_MAX_RESTARTS, launch_env, loopback_interface, torchrun_command
 from plait.parallel.distributed import check_gpus_per_node
 
 
@@ -26,13 +28,49 @@ def test_no_gpu_means_cpu_workers(monkeypatch):
     check_gpus_per_node("auto", 8)
 
 
+def _args(**kw) -> argparse.Namespace:
+    """The launch options as `plait train` parses them (defaults included), updated with `kw`."""
+    from plait.cli import _parser
+
+    args, _ = _parser().parse_known_args(["train", "--nproc-per-node", "4"])
+    return argparse.Namespace(**{**vars(args), **kw})
+
+
 def test_torchrun_command_single_and_multi_node():
-    one = argparse.Namespace(nproc_per_node=4, nnodes=1, max_restarts=0, rdzv_endpoint=None, node_rank=None, config=None)
-    cmd = torchrun_command(one, ["--train.steps=5"])
-    assert "--standalone" in cmd and "--nproc-per-node=4" in cmd and cmd[-1] == "--train.steps=5"
-    two = argparse.Namespace(nproc_per_node=8, nnodes=2, max_restarts=3, rdzv_endpoint="head:29500", node_rank=1, config="c.toml")
+    cmd = torchrun_command(_args(), ["--train.steps=5"])
+    agent, torchrun = cmd[:cmd.index("--")], cmd[cmd.index("--") + 1:]
+    assert agent[1:] == ["-m", "plait.launch_agent"]  # torchrun's agent with plait's loopback rendezvous
+    assert "--rdzv-backend=plait-loopback" in torchrun and "--rdzv-endpoint=127.0.0.1" in torchrun
+    assert "--standalone" not in torchrun  # its store would listen on every interface
+    assert "--nproc-per-node=4" in torchrun and f"--max-restarts={DEFAULT_MAX_RESTARTS}" in torchrun
+    assert torchrun[-4:] == ["-m", "plait", "train", "--train.steps=5"]
+    two = _args(nproc_per_node=8, nnodes=2, max_restarts=3, rdzv_endpoint="head:29500", node_rank=1, config="c.toml")
     cmd = torchrun_command(two, [])
-    assert "--rdzv-endpoint=head:29500" in cmd and "--node-rank=1" in cmd and "--max-restarts=3" in cmd
-    assert cmd[-2:] == ["--config", "c.toml"]
+    assert "--host-store=head:29500" in cmd[:cmd.index("--")]  # hosted on head's address, by the node that owns it
+    assert "--rdzv-backend=c10d" in cmd and "--rdzv-endpoint=head:29500" in cmd and "--node-rank=1" in cmd
+    assert "--max-restarts=3" in cmd and cmd[-2:] == ["--config", "c.toml"]
     with pytest.raises(SystemExit, match="--rdzv-endpoint"):
-        torchrun_command(argparse.Namespace(**{**vars(two), "rdzv_endpoint": None}), [])
+        torchrun_command(_args(nnodes=2), [])
+
+
+def test_launch_env_keeps_one_node_on_loopback_and_user_choices():
+    lo = loopback_interface()
+    assert lo in {name for _, name in socket.if_nameindex()}
+    env = launch_env(_args(), {"PATH": "/bin"})
+    assert env["GLOO_SOCKET_IFNAME"] == env["NCCL_SOCKET_IFNAME"] == lo and env["PATH"] == "/bin"
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in env
+    assert launch_env(_args(), {"NCCL_SOCKET_IFNAME": "ib0"})["NCCL_SOCKET_IFNAME"] == "ib0"
+    multi = launch_env(_args(nnodes=2, rdzv_endpoint="head:29500"), {})
+    assert "GLOO_SOCKET_IFNAME" not in multi and multi["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+
+
+def test_loopback_rendezvous_refuses_other_endpoints_and_nodes():
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+
+    from plait.launch_agent import _create_loopback
+
+    assert _create_loopback(RendezvousParameters("plait-loopback", "127.0.0.1", "r", 1, 1)).get_run_id() == "r"
+    with pytest.raises(ValueError, match="listens on 127.0.0.1, not on --rdzv-endpoint=10.0.0.1:29400"):
+        _create_loopback(RendezvousParameters("plait-loopback", "10.0.0.1:29400", "r", 1, 1))
+    with pytest.raises(ValueError, match="for one node"):
+        _create_loopback(RendezvousParameters("plait-loopback", "", "r", 2, 2))
