@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from plait.config import ConfigError, build_config, to_toml
+from plait.config import Config, ConfigError, build_config, to_toml
 from plait.launch import DEFAULT_MAX_RESTARTS
 
 
@@ -86,13 +86,30 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         from plait.parallel.distributed import check_gpus_per_node
 
         check_gpus_per_node(cfg.train.device, args.nproc_per_node)
-        return launch(args, overrides)
+        return launch(args, _restartable(cfg, overrides))
     cfg = build_config(args.config, overrides, world_size=world_size)
     result = train(cfg)
     if result.rank == 0:
         val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
         print(f"done: step {result.step}, val_loss {val}, run dir {result.run_dir}")
     return 0
+
+
+def _restartable(cfg: Config, overrides: list[str]) -> list[str]:
+    """The workers' overrides. `checkpoint.resume = false` guards a new run against a directory
+    that holds checkpoints: checked here, once, so that a restart of this job (torchrun's
+    --max-restarts) resumes from the checkpoints the job itself wrote instead of refusing them."""
+    if cfg.checkpoint.resume:
+        return overrides
+    from plait.checkpoint import latest_checkpoint
+
+    found = latest_checkpoint(cfg.run_dir)
+    if found is not None:
+        raise ConfigError(
+            f"run.dir = {str(cfg.run_dir)!r} already holds checkpoints ({found.name}) and "
+            f"checkpoint.resume = false; pick a new --run.dir, or drop --checkpoint.resume=false to resume"
+        )
+    return [*overrides, "--checkpoint.resume=true"]
 
 
 def _cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
