@@ -56,7 +56,7 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def uninterrupted(tmp_path_factory):
     """The uninterrupted job, and what each of its processes listened on while it ran."""
     run_dir = tmp_path_factory.mktemp("crash") / "reference"
     log = run_dir.parent / "reference.log"
@@ -75,8 +75,8 @@ def reference(tmp_path_factory):
     return run_dir, seen, worker_pids
 
 
-def test_single_node_job_listens_on_loopback_only(reference):
-    _, seen, worker_pids = reference
+def test_single_node_job_listens_on_loopback_only(uninterrupted):
+    _, seen, worker_pids = uninterrupted
     assert len(worker_pids) == NPROC
     # Not vacuous: the agent's store and every worker's gloo connections were seen listening.
     assert all(seen.get(pid) for pid in worker_pids), {pid: seen.get(pid) for pid in worker_pids}
@@ -126,8 +126,8 @@ def test_host_store_binds_the_named_address_and_torch_reuses_it():
     assert found and all(a.is_loopback for a in found), found
 
 
-def test_kill9_worker_restarts_resumes_and_matches(reference, tmp_path):
-    ref_dir = reference[0]
+def test_kill9_worker_restarts_resumes_and_matches(uninterrupted, tmp_path):
+    ref_dir = uninterrupted[0]
     run_dir, log = tmp_path / "killed", tmp_path / "killed.log"
     # LOGLEVEL=INFO: torchrun logs its decision to restart the worker group at INFO.
     proc = start_plait("train", *JOB, f"--run.dir={run_dir}", log=log, env={"LOGLEVEL": "INFO"})

@@ -75,7 +75,8 @@ def _train_steps(run_dir: Path) -> int:
 def test_frozen_rank_is_named_and_job_exits(tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "output.txt"
     args = [
-        "train", "--nproc-per-node", "2", *BASE, "--parallel.dp_replicate_degree=2", f"--run.dir={run_dir}", "--train.steps=100000",
+        # No restart (the launcher's default is 1): the job must end with the watchdog's exit.
+        "train", "--nproc-per-node", "2", "--max-restarts", "0", *BASE, "--parallel.dp_replicate_degree=2", f"--run.dir={run_dir}", "--train.steps=100000",
         "--checkpoint.save_final=false", f"--train.watchdog_timeout={TIMEOUT_S}",
     ]
     env = {**os.environ, "PYTHONPATH": str(Path(plait.__file__).parents[1])}
