@@ -8,6 +8,7 @@ device; the sources are cited beside each entry and in docs/planner_cluster.md. 
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from dataclasses import dataclass
@@ -144,7 +145,12 @@ DEVICES: dict[str, Device] = {key: entry.device for key, entry in _TABLE.items()
 
 def _entry(gpu: str, flag: str = "--gpu") -> _Entry:
     if gpu not in _TABLE:
-        raise ConfigError(f"{flag} = {gpu!r} is not a known device{_nearest(gpu, list(_TABLE))}")
+        close = difflib.get_close_matches(gpu, list(_TABLE), n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(
+            f"{flag} = {gpu!r} is not a known device; {hint}valid: {', '.join(sorted(_TABLE))} "
+            f"(or describe the machine in a profile: --cluster FILE)"
+        )
     return _TABLE[gpu]
 
 
@@ -182,7 +188,7 @@ def cluster_from_flags(gpus: int, gpus_per_node: int | None, gpu: str) -> Cluste
         raise ConfigError(f"--gpus = {gpus!r} must be a whole number of at least 1")
     if gpus_per_node is None:
         per_node = gpus if gpu == "cpu" else min(gpus, entry.gpus_per_node)
-        flag_hint = f"the {entry.gpus_per_node} GPUs per node of a {gpu} server; pass --gpus-per-node"
+        flag_hint = f"the {entry.gpus_per_node} GPUs per node of the usual {gpu} server"
     else:
         if isinstance(gpus_per_node, bool) or not isinstance(gpus_per_node, int) or gpus_per_node < 1:
             raise ConfigError(f"--gpus-per-node = {gpus_per_node!r} must be a whole number of at least 1")
@@ -191,8 +197,8 @@ def cluster_from_flags(gpus: int, gpus_per_node: int | None, gpu: str) -> Cluste
     if gpus % per_node:
         raise ConfigError(
             f"--gpus = {gpus} spans more than one node but is not a multiple of {flag_hint}; "
-            f"use --gpus = {gpus - gpus % per_node} or {gpus + per_node - gpus % per_node}, "
-            f"or a --gpus-per-node that divides {gpus}"
+            f"use --gpus {gpus - gpus % per_node} or {gpus + per_node - gpus % per_node}, "
+            f"or pass a --gpus-per-node that divides {gpus}"
         )
     device = entry.device
     if gpu == "cpu":
