@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from plait.config import ConfigError
-from plait.planner.cluster import DEVICES, GB, _host_memory_bytes, default_links, describe, device_for_name, write_profile
+from plait.planner.cluster import DEVICES, GB, default_links, describe, device_for_name, host_memory_bytes, write_profile
 from plait.planner.types import Cluster, Device, Link
 
 KB, MB = 2**10, 2**20
@@ -268,7 +268,7 @@ def _profile(result: dict, workers: int) -> tuple[Cluster, dict[str, Any]]:
     }
     if result["device_name"] == "cpu":
         key = "cpu"
-        device = Device("cpu", dict(matmul), _host_memory_bytes() // workers, 1.0)
+        device = Device("cpu", dict(matmul), host_memory_bytes() // workers, 1.0)
         calibration["method_matmul"] = "measured fp32 and bf16 matmul (F.linear) rates are the peaks; efficiency 1.0"
     else:
         key = device_for_name(result["device_name"])

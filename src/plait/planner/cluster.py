@@ -72,7 +72,7 @@ _CPU_LOOPBACK = Link(bandwidth=2 * GB, latency=30e-6)
 _ETH10 = Link(bandwidth=10 / 8 * GB, latency=50e-6)
 
 
-def _host_memory_bytes() -> int:
+def host_memory_bytes() -> int:
     """This machine's physical memory (the "cpu" device plans for the machine it runs on)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -135,7 +135,7 @@ _TABLE: dict[str, _Entry] = {
     # A CPU process as a "GPU": a placeholder rate of the right order for one worker (a few AVX2
     # cores), the machine's memory. `plait plan --calibrate` measures the real rate and links.
     "cpu": _Entry(
-        Device("cpu", {"bf16": 100e9, "fp32": 100e9}, _host_memory_bytes(), 1.0),
+        Device("cpu", {"bf16": 100e9, "fp32": 100e9}, host_memory_bytes(), 1.0),
         1, _CPU_LOOPBACK, _ETH10,
     ),
 }
