@@ -17,6 +17,7 @@ The one module of the planner that imports torch (only inside these functions an
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import math
 import tempfile
@@ -125,8 +126,8 @@ def _worker(rank: int, workers: int, store: str, result_path: str, settings: dic
         for dtype in dtypes:
             dist.barrier()  # every worker multiplies at the same time, sharing the machine as in training
             rates[dtype] = _matmul_rate(device, dtype, settings["matmul_sizes"], settings["seconds"])
-        slowest = [torch.tensor([rates[d] for d in dtypes], dtype=torch.float64, device=device)]
-        dist.all_reduce(slowest[0], op=dist.ReduceOp.MIN)
+        slowest = torch.tensor([rates[d] for d in dtypes], dtype=torch.float64, device=device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MIN)
         samples = []
         for n in range(2, workers + 1):
             group = dist.new_group(list(range(n)))  # every rank takes part in creating every group
@@ -135,7 +136,7 @@ def _worker(rank: int, workers: int, store: str, result_path: str, settings: dic
             dist.barrier()
         if rank == 0:
             info: dict[str, Any] = {
-                "matmul": dict(zip(dtypes, slowest[0].tolist())), "samples": samples, "torch": torch.__version__,
+                "matmul": dict(zip(dtypes, slowest.tolist())), "samples": samples, "torch": torch.__version__,
                 "backend": dist.get_backend(), "device_name": torch.cuda.get_device_name(device) if on_gpu else "cpu",
                 "memory_bytes": torch.cuda.get_device_properties(device).total_memory if on_gpu else None,
             }
@@ -144,8 +145,6 @@ def _worker(rank: int, workers: int, store: str, result_path: str, settings: dic
     finally:
         # Without this teardown gloo sometimes aborts the process at interpreter exit.
         dist.destroy_process_group()
-        import gc
-
         gc.collect()
 
 
