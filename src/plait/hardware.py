@@ -1,25 +1,19 @@
-"""Peak dense matmul rates of accelerators, for MFU. Shared by the progress display and the planner.
-
-Numbers are the vendors' dense (no sparsity) peaks per device, in FLOP/s.
+"""Peak dense matmul rates of accelerators, for MFU. Shared by the progress display and the planner:
+the numbers live in the planner's device table (`plait.planner.cluster`), with their sources.
 """
 
 from __future__ import annotations
 
-# name fragment (lower case, as in torch.cuda.get_device_name) -> (bf16 peak, fp32/tf32 peak)
-GPU_PEAK_FLOPS: dict[str, tuple[float, float]] = {
-    "h200": (989e12, 494e12),
-    "h100": (989e12, 494e12),
-    "b200": (2250e12, 1100e12),
-    "a100": (312e12, 156e12),
-    "mi250x": (383e12, 95.7e12),
-    "l40s": (362e12, 183e12),
-}
-
 
 def peak_flops(device_name: str, dtype: str) -> float | None:
-    """The peak for a device name and "bf16"/"fp32", or None when unknown (e.g. a CPU)."""
-    name = device_name.lower()
-    for fragment, (bf16, fp32) in GPU_PEAK_FLOPS.items():
-        if fragment in name:
-            return bf16 if dtype == "bf16" else fp32
-    return None
+    """The dense peak in FLOP/s for a device name as the runtime reports it (e.g. "NVIDIA H100 80GB
+    HBM3") and a dtype ("bf16", "fp32", "fp8", "tf32"), or None when unknown (e.g. a CPU).
+
+    "fp32" is the plain FP32 rate: PyTorch runs fp32 matmuls without TF32 unless a run enables it.
+    An MI250X is one GCD (PyTorch's device), half of the module's datasheet figures."""
+    from plait.planner.cluster import DEVICES, device_for_name
+
+    key = device_for_name(device_name)
+    if key is None:
+        return None
+    return DEVICES[key].peak_flops.get(dtype)
