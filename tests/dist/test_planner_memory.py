@@ -42,8 +42,10 @@ ACT_SEQ, ACT_MICRO = 256, 2
 ACT_CASES = {
     "plain": {"world": 1},
     "checkpointing": {"world": 1, "activation_checkpointing": True},
+    "tp2": {"world": 2, "tp": 2},
     "tp2_sp": {"world": 2, "tp": 2, "sequence_parallel": True},
     "cp2_ring": {"world": 2, "cp": 2, "cp_method": "ring"},
+    "cp2_ulysses": {"world": 2, "cp": 2, "cp_method": "ulysses"},
 }
 
 
@@ -176,8 +178,10 @@ def _measure_activations(rank: int, case: str) -> dict:
         cp_sharding = context_sharding(layout.submesh("cp"), parallel.cp_method)
 
     def storage(t: torch.Tensor):
-        local = t._local_tensor if isinstance(t, DTensor) else t
-        return local.untyped_storage()
+        # Unwrap DTensors and functional collectives' async results to the tensor holding memory.
+        while isinstance(t, DTensor) or hasattr(t, "elem"):
+            t = t._local_tensor if isinstance(t, DTensor) else t.elem
+        return t.untyped_storage()
 
     params = {storage(p).data_ptr() for p in module.parameters()}
     saved: dict[int, int] = {}

@@ -156,8 +156,11 @@ def _block_activations(args: ModelArgs, layout: Layout, b: int, t: int, act: int
         total += (2 * n * h * e + 2 * n * k * e + n * h * e) * act + n * h * FP32
     else:
         # scaled_dot_product_attention saves q, k and v repeated to h heads, out (whose transpose
-        # o_proj reads as a view) and the fp32 log-sum-exp; Ulysses the same on h/cp heads x T.
+        # o_proj reads as a view) and the fp32 log-sum-exp; Ulysses the same on h/cp heads x T,
+        # and its all-to-all back returns (B, H, T, E) contiguous: o_proj saves a copy.
         total += 4 * n * h * e * act + n * h * FP32
+        if layout.cp > 1:
+            total += n * h * e * act
     if args.moe_experts > 0:
         total += _norm_bytes(n, d, act, 1, tp, sp) + _moe_activations(args, layout, n, act)
     else:
