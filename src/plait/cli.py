@@ -170,7 +170,8 @@ def _cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"plait plan: {explain.nothing_fits(cands, workload, cluster)}", file=sys.stderr)
         return 1
     if args.write:
-        Path(args.write).write_text(explain.plan_toml(cands[0], workload, cluster, model_keys(cfg)))
+        Path(args.write).write_text(explain.plan_toml(cands[0], workload, cluster, model_keys(cfg),
+                                                       cfg.to_dict() if args.config else None))
         if not args.json:
             print(f"\nwrote {args.write}: plait train --config {args.write}")
     return 0

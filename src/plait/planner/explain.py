@@ -12,7 +12,7 @@ GIB = 2**30
 
 
 def _gib(n: float) -> str:
-    return f"{n / GIB:.1f} GiB"
+    return f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
 
 
 def _ms(s: float) -> str:
@@ -41,7 +41,7 @@ def table(cands: list[Candidate]) -> str:
         rows.append((str(i), str(lay.tp), str(lay.pp), str(lay.cp), str(lay.ep),
                      f"{lay.dp} ({lay.dp_replicate}x{lay.dp_shard})", str(lay.zero_stage), str(lay.micro_batch_size),
                      "yes" if lay.activation_checkpointing else "no", " ".join(knobs) or "-",
-                     _gib(c.memory.total), f"{c.tokens_per_s_per_gpu:,.0f}", f"{c.tflops_per_gpu:.1f}",
+                     _gib(c.memory.total), f"{c.tokens_per_s_per_gpu:,.0f}", f"{c.tflops_per_gpu:.3g}",
                      f"{c.mfu:.1%}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows)
@@ -151,10 +151,19 @@ def plan_config(c: Candidate, workload: Workload, model_keys: dict[str, Any]) ->
     return {"model": dict(model_keys), "train": train, "parallel": lay.parallel_section()}
 
 
-def plan_toml(c: Candidate, workload: Workload, cluster: Cluster, model_keys: dict[str, Any]) -> str:
+def plan_toml(c: Candidate, workload: Workload, cluster: Cluster, model_keys: dict[str, Any],
+              base: dict[str, dict[str, Any]] | None = None) -> str:
+    """The plan as TOML; with `base` (a config's sections) the plan's keys are merged into it, so
+    the file is that config with the chosen layout."""
     head = (f"# Written by `plait plan` for {cluster.gpus} x {cluster.device.name} ({cluster.gpus_per_node} per node):\n"
             f"# {c.layout.short()}: predicted {_gib(c.memory.total)} per GPU, "
             f"{c.tokens_per_s_per_gpu:,.0f} tokens/s per GPU, MFU {c.mfu:.1%}.\n"
             f"# Run with {cluster.gpus} workers, e.g. plait train --config FILE --nproc-per-node "
             f"{min(cluster.gpus, cluster.gpus_per_node)}" + (f" --nnodes {cluster.nodes}" if cluster.nodes > 1 else "") + "\n\n")
-    return head + to_toml(plan_config(c, workload, model_keys))
+    sections = plan_config(c, workload, model_keys)
+    if base is not None:
+        merged = {name: dict(values) for name, values in base.items()}
+        for name, values in sections.items():
+            merged.setdefault(name, {}).update(values)
+        sections = merged
+    return head + to_toml(sections)
