@@ -6,6 +6,8 @@
     plait generate RUN_DIR --prompt TEXT
     plait config [--config FILE] [--section.key=value ...]
     plait convert --to-hf RUN_DIR/checkpoints/step_N OUT_DIR | --from-hf HF_DIR OUT_RUN_DIR
+    plait plan --model.name=70b --gpus 512 --gpu h100 --global-batch-tokens N [--write plan.toml]
+    plait plan --calibrate [--out FILE] [--workers N]
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from plait.config import Config, ConfigError, build_config, to_toml
+from plait.config import Config, ConfigError, build_config, parse_overrides, to_toml
 from plait.launch import DEFAULT_MAX_RESTARTS
 
 
@@ -69,7 +71,115 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", default="5GB", help="--to-hf: largest weight file, e.g. 5GB, 500MB (default 5GB)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="--to-hf: cast the weights (default: as stored)")
+
+    p = sub.add_parser("plan", help="choose the parallel layout: predicted memory and speed of every layout")
+    p.add_argument("--config", help="TOML config file: its [model], [data] and [train] give the workload")
+    where = p.add_argument_group("cluster (flags, or --cluster FILE)")
+    where.add_argument("--gpus", type=int, default=None, help="number of GPUs (workers)")
+    where.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node (default: the GPU type's usual)")
+    where.add_argument("--gpu", default="h100", help="GPU type: a100-40, a100-80, h100, h200, b200, mi250x, cpu")
+    where.add_argument("--cluster", default=None, help="cluster profile (TOML), e.g. from --calibrate")
+    what = p.add_argument_group("workload (default: the config's train.* keys)")
+    what.add_argument("--global-batch-tokens", type=int, default=None, help="tokens per optimizer step")
+    what.add_argument("--global-batch-sequences", type=int, default=None, help="sequences per optimizer step")
+    what.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default train.seq_len)")
+    what.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default bf16 on GPUs, fp32 on cpu")
+    out = p.add_argument_group("answer")
+    out.add_argument("--layout", default="", help="pin degrees and knobs, e.g. tp=8,pp=16,dp=4,zero=3,mb=1,ac=true")
+    out.add_argument("--top", type=int, default=5, help="layouts to list (default 5)")
+    out.add_argument("--json", action="store_true", help="print the layouts as JSON")
+    out.add_argument("--write", default=None, help="write the chosen layout as a config for plait train --config")
+    cal = p.add_argument_group("calibration (measure this machine and write a profile)")
+    cal.add_argument("--calibrate", action="store_true", help="measure matmul rate and collectives here")
+    cal.add_argument("--out", default="cluster.toml", help="--calibrate: profile to write (default cluster.toml)")
+    cal.add_argument("--workers", type=int, default=2, help="--calibrate: most worker processes to measure")
     return parser
+
+
+def parse_layout_pins(text: str) -> dict[str, object]:
+    """"tp=8,pp=16,ac=true,schedule=1f1b" -> pins (ints, booleans, words)."""
+    pins: dict[str, object] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ConfigError(f"--layout {text!r}: {item!r} is not key=value; e.g. --layout tp=8,pp=4,dp=16")
+        value = value.strip()
+        lowered = value.lower()
+        if lowered in ("true", "yes", "on", "false", "no", "off"):
+            pins[key.strip()] = lowered in ("true", "yes", "on")
+        elif value.lstrip("-").isdigit():
+            pins[key.strip()] = int(value)
+        else:
+            pins[key.strip()] = value
+    return pins
+
+
+def _cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    import json
+
+    from plait.config import Config, load_toml, set_value
+    from plait.planner import model_keys, workload_from_config
+    from plait.planner import explain
+    from plait.planner.search import PlanError, plan
+
+    if args.calibrate:
+        from plait.planner.calibrate import main_calibrate
+
+        if args.workers < 1:
+            raise ConfigError(f"--workers = {args.workers} must be at least 1")
+        main_calibrate(args.workers, Path(args.out))
+        return 0
+    cfg = load_toml(args.config) if args.config else Config()
+    for key, value in parse_overrides(overrides):
+        set_value(cfg, key, value)
+    if args.cluster:
+        from plait.planner.cluster import load_profile
+
+        cluster = load_profile(Path(args.cluster))
+    else:
+        from plait.planner.cluster import cluster_from_flags
+
+        if args.gpus is None:
+            raise ConfigError("plait plan needs the cluster: --gpus N [--gpus-per-node G] [--gpu TYPE], or --cluster FILE")
+        if args.gpus < 1 or (args.gpus_per_node is not None and args.gpus_per_node < 1):
+            raise ConfigError(f"--gpus = {args.gpus} and --gpus-per-node = {args.gpus_per_node} must be at least 1")
+        cluster = cluster_from_flags(args.gpus, args.gpus_per_node, args.gpu)
+    if args.top < 1:
+        raise ConfigError(f"--top = {args.top} must be at least 1")
+    seq_len = args.seq_len if args.seq_len is not None else cfg.train.seq_len
+    sequences = args.global_batch_sequences
+    if args.global_batch_tokens is not None:
+        if sequences is not None:
+            raise ConfigError("give --global-batch-tokens or --global-batch-sequences, not both")
+        if seq_len < 1 or args.global_batch_tokens % seq_len or args.global_batch_tokens < seq_len:
+            raise ConfigError(f"--global-batch-tokens = {args.global_batch_tokens} is not a positive multiple of "
+                              f"the sequence length {seq_len}; use {max(seq_len, args.global_batch_tokens // max(seq_len, 1) * seq_len)}")
+        sequences = args.global_batch_tokens // seq_len
+    dtype = args.dtype or ("fp32" if cluster.device.name == "cpu" else "bf16")
+    workload = workload_from_config(cfg, seq_len, sequences, dtype)
+    pins = parse_layout_pins(args.layout)
+    try:
+        cands = plan(workload, cluster, pins, top=args.top)
+    except PlanError as err:
+        raise ConfigError(str(err)) from None
+    if not cands:
+        raise ConfigError(f"no layout plait train accepts matches --layout {args.layout!r} for this model on "
+                          f"{cluster.gpus} GPU(s) ({cluster.gpus_per_node} per node); drop a pin or check its "
+                          f"divisibility (degrees multiply to the GPUs, tp within a node and dividing the heads)")
+    fits = cands[0].fits
+    if args.json:
+        print(json.dumps({"fits": fits, "layouts": [explain.layout_json(c) for c in cands]}, indent=2))
+    elif fits:
+        print(explain.explain(cands, workload, cluster))
+    if not fits:
+        print(f"plait plan: {explain.nothing_fits(cands, workload, cluster)}", file=sys.stderr)
+        return 1
+    if args.write:
+        Path(args.write).write_text(explain.plan_toml(cands[0], workload, cluster, model_keys(cfg),
+                                                       cfg.to_dict() if args.config else None))
+        if not args.json:
+            print(f"\nwrote {args.write}: plait train --config {args.write}")
+    return 0
 
 
 def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -192,7 +302,8 @@ def _cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "prepare": _cmd_prepare, "report": _cmd_report,
-            "generate": _cmd_generate, "config": _cmd_config, "convert": _cmd_convert}
+            "generate": _cmd_generate, "config": _cmd_config, "convert": _cmd_convert,
+            "plan": _cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:
