@@ -39,7 +39,6 @@ def reference_with(tmp_path_factory):
 # same model (the overrides that start with --model.).
 LAYOUTS = {
     "ddp2": (2, ["--parallel.dp_replicate_degree=2"]),
-    "ddp2-fill": (2, ["--parallel.dp_replicate_degree=-1"]),
     "ddp2-activation-checkpointing": (2, ["--parallel.dp_replicate_degree=2", "--train.activation_checkpointing=true"]),
     "ddp2-accumulate4": (2, ["--parallel.dp_replicate_degree=2", "--train.micro_batch_size=4"]),
     "zero1-x2": (2, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=1"]),
