@@ -5,7 +5,8 @@ The parity rows (`test_parity.py`) train the `debug` model, whose parameters spl
 (3 x 23), slices cut through parameters and through the boundary of the two weight-decay groups.
 Each rank backpropagates its third of the batch over two micro-batches (no collective may run
 before the step), clips and steps; every step's parameters and gradient norm must equal the
-single-process optimizer's, and the gathered Adam moments must equal torch's and load back.
+single-process optimizer's, and the Adam moments saved as a sharded checkpoint must equal torch's
+and load back.
 """
 
 from __future__ import annotations
@@ -58,21 +59,33 @@ def _run(rank: int) -> dict:
             o.zero_grad(set_to_none=True)
         out["param_diff"].append(max((a - b).abs().max().item() for a, b in zip(reference.parameters(), model.parameters())))
 
-    names = [f"p{i}" for i in range(len(list(model.parameters())))]
-    tensors, groups = opt.gather_full_state(names, keep=True)
-    ordered = [p for group in opt_ref.param_groups for p in group["params"]]
+    # Saved as plait saves it: every rank writes its slices as boxes of the whole tensors.
+    import tempfile
+    from pathlib import Path
+
+    from plait.checkpoint import named_parameters
+    from plait.checkpoint.dcp_io import read_whole_tensors
+    from plait.checkpoint.sharded import load_chunks, optimizer_chunks, write_checkpoint
+
+    where = [tempfile.mkdtemp(prefix="plait-zero1-") if rank == 0 else None]
+    dist.broadcast_object_list(where, src=0)
+    group = dist.group.WORLD
+    path = write_checkpoint(Path(where[0]), STEPS, optimizer_chunks(model, opt), {}, keep_last=1, group=group, distributed=True)
+    saved = dict(read_whole_tensors(path, prefix="optim/"))
+    by_id = {id(p): name for name, p in named_parameters(reference).items()}
     out["moment_diff"] = max(
-        (opt_ref.state[p][key] - tensors[f"{name}::{key}"]).abs().max().item()
-        for name, p in zip(names, ordered) for key in ("exp_avg", "exp_avg_sq")
+        (opt_ref.state[p][key] - saved[f"{by_id[id(p)]}/{key}"]).abs().max().item()
+        for group_ in opt_ref.param_groups for p in group_["params"] for key in ("exp_avg", "exp_avg_sq")
     )
-    out["steps_saved"] = tensors["p0::step"].item()
-    # A fresh optimizer loads the whole tensors and continues like the one that saved them.
-    per_param: dict = {}
-    for key, value in tensors.items():
-        name, field = key.split("::")
-        per_param.setdefault(name, {})[field] = value
+    out["steps_saved"] = saved["0.weight/step"].item()
+    # A fresh optimizer loads its own slices (a 3-rank reshard of the same boxes) and continues
+    # like the one that saved them.
     restored = Zero1AdamW(param_groups(model, cfg), cfg, dist.group.WORLD)
-    restored.load_full_state(per_param, groups, names)
+    chunks = optimizer_chunks(model, restored)
+    load_chunks(path, chunks, group, True)
+    restored.set_steps(int(chunks["optim/0.weight/step"].parts[0][1].item()))
+    for mine, theirs in zip(restored.param_groups, opt.param_groups):  # the loop sets lr every step
+        mine["lr"] = theirs["lr"]
     before = [p.detach().clone() for p in model.parameters()]
     x = torch.randn(WORLD * ROWS, 7, generator=torch.Generator().manual_seed(99))
     results = []
@@ -110,7 +123,7 @@ def test_no_collective_before_the_step(result: dict) -> None:
     assert result["micro_batch_calls"] == [0] * STEPS
 
 
-def test_gathered_state_is_torchs_and_loads_back(result: dict) -> None:
+def test_saved_state_is_torchs_and_loads_back(result: dict) -> None:
     assert result["moment_diff"] <= 1e-9
     assert result["steps_saved"] == STEPS
     assert result["restored_diff"] == 0.0
