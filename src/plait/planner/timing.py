@@ -119,7 +119,12 @@ def estimate_time(workload: Workload, layout: Layout, cluster: Cluster) -> TimeE
         # micro-batch's backward except the last bucket (1/L of it).
         full = ring_time("all_reduce", dense_psi * grad_bytes, n_data, data_link)
         coll["dp_allreduce"] = full
-        exposed_data = max(full - backward_per_micro, full / max(layers, 1))
+        if layout.tp > 1:
+            # Under TP plait does not use DDP: Zero1AdamW with one shard all-reduces the flat
+            # gradient bucket inside the optimizer step, after backward (apply.py): all exposed.
+            exposed_data = full
+        else:
+            exposed_data = max(full - backward_per_micro, full / max(layers, 1))
         parts["dp_allreduce"] = exposed_data
     elif n_data > 1 and z == 1:
         # (2b) ZeRO-1 (zero1.py): reduce-scatter + all-gather of the flat bucket after the last
