@@ -329,15 +329,19 @@ def apply_dict(cfg: Config, data: dict[str, Any], source: str = "config") -> Con
     return cfg
 
 
-def load_toml(path: str | Path, cfg: Config | None = None) -> Config:
-    path = Path(path)
+def read_toml(path: Path, flag: str, missing: str = "no such file") -> dict[str, Any]:
+    """A TOML file's tables; a missing file or bad TOML is a ConfigError naming `flag` and the path."""
     if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file")
+        raise ConfigError(f"{flag} {path}: {missing}")
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
-    return apply_dict(cfg or Config(), data, source=str(path))
+
+
+def load_toml(path: str | Path, cfg: Config | None = None) -> Config:
+    path = Path(path)
+    return apply_dict(cfg or Config(), read_toml(path, "--config"), source=str(path))
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, str]]:

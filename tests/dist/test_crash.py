@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from plait.checkpoint import latest_checkpoint
-from plait.checkpoint.hf import iter_checkpoint_tensors
+from plait.checkpoint import iter_model_tensors
 from plait.launch_agent import LOOPBACK, LoopbackRendezvous
 from plait.report import read_metrics
 
@@ -52,7 +52,7 @@ def _wait(proc, timeout: float = TIMEOUT) -> int:
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return dict(iter_checkpoint_tensors(run_dir / "checkpoints" / f"step_{STEPS}"))
+    return dict(iter_model_tensors(run_dir / "checkpoints" / f"step_{STEPS}"))
 
 
 @pytest.fixture(scope="module")

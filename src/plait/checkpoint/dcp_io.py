@@ -247,9 +247,36 @@ def _load_box(path: Path, entry: dict[str, Any]) -> torch.Tensor:
     if entry["transforms"]:
         raise ValueError(f"{entry['fqn']}: stored with transforms {entry['transforms']}, which plait does not write")
     with open(Path(path) / entry["file"], "rb") as f:
-        f.seek(entry["start"])
-        blob = f.read(entry["length"])
-    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        # Read straight from the file (no copy of the box's bytes in memory first).
+        return torch.load(_FileSlice(f, entry["start"], entry["length"]), map_location="cpu", weights_only=True)
+
+
+class _FileSlice(io.RawIOBase):
+    """Bytes [start, start + length) of an open binary file, as a seekable file of their own."""
+
+    def __init__(self, f: Any, start: int, length: int) -> None:
+        self._f, self._start, self._length, self._pos = f, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), self._length - self._pos))
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(memoryview(buffer)[:n])
+        self._pos += got
+        return got
 
 
 def saved_tensor_names(path: Path, prefix: str) -> list[str]:
@@ -267,9 +294,16 @@ def read_whole_tensors(path: Path, keys: list[str] | None = None, prefix: str = 
     wanted = keys if keys is not None else [k for k in md["tensors"] if k.startswith(prefix)]
     for key in wanted:
         info = md["tensors"][key]
+        boxes = by_key.get(key, [])
+        if len(boxes) == 1:  # saved whole (one rank, or replicated): no second copy
+            box = _load_box(path, boxes[0])
+            if list(box.shape) == list(info["size"]):
+                yield key[len(prefix):], box
+                continue
+            del box
         whole = torch.empty(info["size"], dtype=_dtype(info["dtype"]))
         covered = 0
-        for s in by_key.get(key, []):
+        for s in boxes:
             box = _load_box(path, s)
             offset = s["offset"] or [0] * whole.dim()
             view = whole

@@ -1,7 +1,7 @@
 """Hugging Face Llama import and export: `plait convert --to-hf / --from-hf`, `model.init_from`.
 
-Export streams: tensors are read from the checkpoint one at a time (`iter_checkpoint_tensors`,
-the one function that knows the checkpoint's file layout), renamed, and written into output
+Export streams: tensors are read from the checkpoint one at a time (`plait.checkpoint.
+iter_model_tensors`, each assembled from the boxes the ranks saved), renamed, and written into output
 shards of at most `shard_size` bytes, so the peak memory is about one output shard, never the
 whole model. Import reads a Hugging Face directory's safetensors files (never a pickle: a
 `pytorch_model.bin` is refused) and writes a plait run directory whose checkpoint `step_0` holds
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from plait.checkpoint import iter_model_tensors, read_manifest, save_model_tensors
+from plait.checkpoint.sharded import check_shapes
 from plait.checkpoint.hf_config import (
     HF_PREFIX,
     HFConfigError,
@@ -54,24 +55,6 @@ def _size(num_bytes: int) -> str:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def iter_checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, whole tensor) of a checkpoint's model weights, one tensor in memory at a time
-    (each assembled from the boxes the ranks saved)."""
-    yield from iter_model_tensors(path)
-
-
-def check_model_tensors(source: Path, tensors: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> None:
-    """Refuse, with names, weights that do not match the model's parameters."""
-    missing = sorted(set(shapes) - set(tensors))
-    unexpected = sorted(set(tensors) - set(shapes))
-    wrong = [f"{n} {tuple(tensors[n].shape)} vs {tuple(shapes[n])}" for n in shapes if n in tensors and tensors[n].shape != shapes[n]]
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"{source} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
-            f"shapes {wrong[:3]}); was it saved with a different model.* config?"
-        )
 
 
 def checkpoint_args(path: Path) -> tuple[ModelArgs, dict[str, Any]]:
@@ -190,7 +173,7 @@ def export_to_hf(
 
     writer = _ShardWriter(out, shard_size, progress)
     stored: torch.dtype | None = None
-    for name, tensor in iter_checkpoint_tensors(checkpoint):
+    for name, tensor in iter_model_tensors(checkpoint):
         if name == "output.weight" and args.tie_embeddings:
             continue  # transformers ties lm_head to embed_tokens itself
         stored = stored or tensor.dtype
@@ -243,7 +226,7 @@ def read_hf_model(hf_dir: str | Path, progress: Progress = _quiet) -> tuple[Mode
         # refuses shared tensors); a tied export may or may not carry lm_head.weight.
         tensors["output.weight"] = tensors["embed.weight"].clone()
     shapes = {name: t.shape for name, t in build_model(args).state_dict().items()}  # meta: free
-    check_model_tensors(hf_dir, tensors, shapes)
+    check_shapes(str(hf_dir), {name: t.shape for name, t in tensors.items()}, shapes)
     return args, tensors
 
 

@@ -364,17 +364,23 @@ def find_intact(
     return None
 
 
-def check_model_shapes(path: Path, shapes: dict[str, torch.Size]) -> None:
-    """Refuse, with names, a checkpoint whose parameters do not match the model's."""
-    saved = {k[len("model/"):]: torch.Size(v["size"]) for k, v in read_metadata_json(path)["tensors"].items() if k.startswith("model/")}
+def check_shapes(source: str, saved: dict[str, torch.Size], shapes: dict[str, torch.Size]) -> None:
+    """Refuse, naming the parameters, weights from `source` whose names or shapes differ from the
+    model's `shapes` (a checkpoint, or an imported Hugging Face directory)."""
     missing = sorted(set(shapes) - set(saved))
     unexpected = sorted(set(saved) - set(shapes))
     wrong = [f"{n} {tuple(saved[n])} vs {tuple(shapes[n])}" for n in shapes if n in saved and saved[n] != shapes[n]]
     if missing or unexpected or wrong:
         raise CheckpointError(
-            f"checkpoint {path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"{source} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
             f"shapes {wrong[:3]}); was it saved with a different model.* config?"
         )
+
+
+def check_model_shapes(path: Path, shapes: dict[str, torch.Size]) -> None:
+    """Refuse, with names, a checkpoint whose parameters do not match the model's."""
+    saved = {k[len("model/"):]: torch.Size(v["size"]) for k, v in read_metadata_json(path)["tensors"].items() if k.startswith("model/")}
+    check_shapes(f"checkpoint {path}", saved, shapes)
 
 
 def load_chunks(path: Path, chunks: StateChunks, group: dist.ProcessGroup | None, distributed: bool) -> None:

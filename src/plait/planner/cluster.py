@@ -15,13 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from plait.config import ConfigError, _nearest
+from plait.config import ConfigError, _nearest, read_toml
 from plait.planner.types import Cluster, Device, Link
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 GB = 1e9  # vendors quote link and memory-bandwidth figures in decimal units
 MIB = 2**20
@@ -288,12 +283,7 @@ def load_profile(path: str | Path) -> Cluster:
     """A cluster from a TOML profile; every problem raises ConfigError naming the key and the fix."""
     path = Path(path)
     where = f"--cluster {path}"
-    if not path.is_file():
-        raise ConfigError(f"{where}: no such file; write one with `plait plan --calibrate --out {path}`")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{where}: not valid TOML: {err}") from None
+    data = read_toml(path, "--cluster", f"no such file; write one with `plait plan --calibrate --out {path}`")
     for section, value in data.items():
         if section not in _SECTIONS:
             raise ConfigError(f"{where}: unknown section [{section}]{_nearest(section, list(_SECTIONS))}")
