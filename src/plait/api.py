@@ -16,7 +16,9 @@ if TYPE_CHECKING:
 def train(config: Config | None = None, **overrides: object) -> "TrainResult":
     """Train the run `config` describes (default: the built-in default run).
 
-    Keyword overrides use "section__key" names: `plait.train(train__steps=100)`.
+    Keyword overrides use "section__key" names: `plait.train(train__steps=100)`. With
+    `parallel.auto = true` the layout is planned first for the job's workers (`plan_for_job`;
+    under a torchrun of several workers that needs `parallel.cluster_profile`).
     """
     from plait.config import set_value
     from plait.trainer import train as run_training
@@ -24,7 +26,23 @@ def train(config: Config | None = None, **overrides: object) -> "TrainResult":
     cfg = config if config is not None else Config()
     for key, value in overrides.items():
         set_value(cfg, key.replace("__", "."), value)
+    if cfg.parallel.auto:
+        cfg = _planned(cfg)
     return run_training(cfg)  # validates, against the job's worker count too
+
+
+def _planned(cfg: Config) -> Config:
+    """`cfg` with the layout the planner chose for this job; rank 0 prints it and writes plan.txt."""
+    from plait.config import validate
+    from plait.parallel.distributed import launched_local_world_size, launched_rank, launched_world_size
+    from plait.planner.auto import plan_for_job
+
+    world = launched_world_size()
+    validate(cfg, world)  # every other key first, so that a bad one is named as such
+    planned = plan_for_job(cfg, world, launched_local_world_size(), shared=world > 1)
+    if launched_rank() == 0:
+        planned.write(echo=cfg.run.progress != "none")
+    return planned.config
 
 
 @dataclass

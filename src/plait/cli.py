@@ -192,11 +192,22 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         from plait.launch import launch
 
         # Every rule is checked here, before any worker starts.
-        cfg = build_config(args.config, overrides, world_size=args.nproc_per_node * args.nnodes)
+        world = args.nproc_per_node * args.nnodes
+        cfg = build_config(args.config, overrides, world_size=world)
         from plait.parallel.distributed import check_gpus_per_node
 
         check_gpus_per_node(cfg.train.device, args.nproc_per_node)
-        return launch(args, _restartable(cfg, overrides))
+        workers = _restartable(cfg, overrides)
+        if cfg.parallel.auto:
+            # Planned once, here; the workers get the layout and parallel.auto = false. Each node's
+            # launcher plans for itself, so several nodes need one profile (plan_for_job says so).
+            from plait.planner.auto import plan_for_job, worker_overrides
+
+            planned = plan_for_job(cfg, world, args.nproc_per_node, shared=args.nnodes > 1)
+            planned.write(echo=cfg.run.progress != "none")
+            workers += worker_overrides(planned)
+        return launch(args, workers)
+    # parallel.auto = true: plait.api.train plans (in every worker under an external torchrun).
     cfg = build_config(args.config, overrides, world_size=world_size)
     result = train(cfg)
     if result.rank == 0:
@@ -251,7 +262,11 @@ def _cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
-    print(to_toml(build_config(args.config, overrides).to_dict()), end="")
+    cfg = build_config(args.config, overrides)
+    if cfg.parallel.auto:  # the layout depends on the job's workers: chosen when plait train starts
+        print("# parallel.auto = true: plait train chooses [parallel] and train.micro_batch_size /\n"
+              "# train.activation_checkpointing at start-up for its workers; `plait plan --config FILE --cluster PROFILE` shows the plan.")
+    print(to_toml(cfg.to_dict()), end="")
     return 0
 
 

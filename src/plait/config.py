@@ -195,6 +195,16 @@ class ParallelSection:
     # Expert parallelism (mixture-of-experts models): experts spread over this many ranks, taken
     # from the data-parallel shard and context axes (it must divide dp_shard_degree x cp_degree).
     ep_degree: int = 1
+    # Plan the layout at start-up (docs/planner.md, "parallel.auto"): plait train runs the
+    # planner for the job's workers and trains its best layout that fits. Every key of this
+    # section set to a non-default value (a -1 data-parallel degree fills, it pins nothing), and
+    # train.micro_batch_size / train.activation_checkpointing when not default, is kept as a pin.
+    # The run records the chosen layout with auto = false.
+    auto: bool = False
+    # With `auto`: the cluster profile to plan on (written by `plait plan --calibrate`); its
+    # worker counts are replaced by the job's. Empty: measure this machine at start-up with the
+    # job's workers (a few seconds) into RUN_DIR/cluster.toml, reused while the count matches.
+    cluster_profile: str = ""
 
 
 @dataclass

@@ -88,7 +88,24 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(c.every >= 0, f"checkpoint.every = {c.every} must be >= 0 (0: only the final save)")
     _require(c.keep_last >= 1, f"checkpoint.keep_last = {c.keep_last} must be at least 1")
     _require(r.name != "" and "/" not in r.name, f"run.name = {r.name!r} must be a plain non-empty name")
+    if cfg.parallel.auto:
+        # The layout is planned at start-up (plait.planner.auto) and that plan is validated
+        # against the job's workers then; here only the keys the plan keeps as pins are checked.
+        _check_auto_pins(cfg.parallel)
+        return
     validate_layout(cfg, world_size)
+
+
+def _check_auto_pins(p: ParallelSection) -> None:
+    """With parallel.auto: the ranges of the [parallel] keys the plan keeps (each rule that
+    relates them to one another is the planner's to satisfy)."""
+    for key in WORLD_DEGREES:
+        value = getattr(p, key)
+        _require(value >= 1 or (value == -1 and key in FILLABLE),
+                 f"parallel.{key} = {value} must be at least 1" + (", or -1 to fill the world" if key in FILLABLE else ""))
+    _require(p.ep_degree >= 1, f"parallel.ep_degree = {p.ep_degree} must be at least 1")
+    _require(p.zero_stage in (-1, 0, 1, 2, 3), f"parallel.zero_stage = {p.zero_stage} must be -1 (auto), 0, 1, 2 or 3")
+    _require(p.pp_virtual_stages >= 1, f"parallel.pp_virtual_stages = {p.pp_virtual_stages} must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,17 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_local_world_size() -> int:
+    """Workers of this job on this node as torchrun announced them (the whole job outside torchrun
+    or when torchrun did not say)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", str(launched_world_size())))
+
+
+def launched_rank() -> int:
+    """This worker's rank in the job as torchrun announced it (0 outside torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def check_gpus_per_node(device_name: str, nproc_per_node: int) -> None:
     """Workers on a GPU take one GPU each: refuse more workers per node than there are GPUs
     (before any worker starts) instead of failing inside NCCL."""

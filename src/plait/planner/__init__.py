@@ -1,7 +1,8 @@
 """The planner: predict memory and speed of every layout of a model on a cluster, pick the best
 that fits, explain why, and write the `[parallel]` plan `plait train` reads (docs/planner.md).
 
-Pure Python (no torch) except `calibrate.py`, which measures this machine.
+Pure Python (no torch) except `calibrate.py`, which measures this machine, and the start-up of
+`auto.py` (`parallel.auto`), which may call it and asks torch whether CUDA is there.
 """
 
 from __future__ import annotations

@@ -110,8 +110,9 @@ def explain(cands: list[Candidate], workload: Workload, cluster: Cluster) -> str
     return "\n".join(out)
 
 
-def nothing_fits(closest: list[Candidate], workload: Workload, cluster: Cluster) -> str:
-    """What to change when no layout fits: the least memory any layout needs, and the fixes."""
+def nothing_fits(closest: list[Candidate], workload: Workload, cluster: Cluster, for_train: bool = False) -> str:
+    """What to change when no layout fits: the least memory any layout needs, and the fixes, in
+    `plait plan`'s flags or (`for_train`, parallel.auto) in `plait train`'s."""
     if not closest:
         return "no layout matches"
     least = min(closest, key=lambda c: c.memory.total)
@@ -120,10 +121,13 @@ def nothing_fits(closest: list[Candidate], workload: Workload, cluster: Cluster)
     while factor < need:
         factor *= 2
     gpus = cluster.gpus * factor
-    return (f"no layout fits: the most frugal, {least.layout.short()}, needs {_gib(least.memory.total)} per GPU, "
-            f"but a {cluster.device.name} has {_gib(cluster.device.memory_bytes)} ({need:.1f}x). "
-            f"Use more GPUs (--gpus {gpus} or more, so ZeRO-3 and pipeline stages shard the states further), "
-            f"a GPU with more memory (--gpu), a shorter sequence (--seq-len) or a smaller model.")
+    head = (f"no layout fits: the most frugal, {least.layout.short()}, needs {_gib(least.memory.total)} per GPU, "
+            f"but a {cluster.device.name} has {_gib(cluster.device.memory_bytes)} ({need:.1f}x). ")
+    if for_train:
+        return head + (f"Run more workers ({gpus} or more with --nproc-per-node and --nnodes, so ZeRO-3 and pipeline "
+                       f"stages shard the states further), a shorter train.seq_len or a smaller model.")
+    return head + (f"Use more GPUs (--gpus {gpus} or more, so ZeRO-3 and pipeline stages shard the states further), "
+                   f"a GPU with more memory (--gpu), a shorter sequence (--seq-len) or a smaller model.")
 
 
 def layout_json(c: Candidate) -> dict[str, Any]:
@@ -165,5 +169,7 @@ def plan_toml(c: Candidate, workload: Workload, cluster: Cluster, model_keys: di
         merged = {name: dict(values) for name, values in base.items()}
         for name, values in sections.items():
             merged.setdefault(name, {}).update(values)
+        if "auto" in merged["parallel"]:  # a config that asked to be planned: this is its plan
+            merged["parallel"]["auto"] = False
         sections = merged
     return head + to_toml(sections)

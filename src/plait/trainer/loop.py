@@ -101,6 +101,9 @@ def evaluate(model: nn.Module, val_tokens, cfg: Config, device: torch.device, dt
 def train(cfg: Config) -> TrainResult:
     """Train (or resume) the run described by `cfg`; returns the final numbers and the model.
     Run by every worker of a multi-process job; only rank 0 prints and writes shared files."""
+    if cfg.parallel.auto:  # the planner sits above the trainer (plait.api.train, plait train)
+        raise ConfigError("parallel.auto = true is planned by plait.train (or plait train), not by "
+                          "plait.trainer.train; call plait.train(cfg)")
     validate(cfg, launched_world_size())
     cfg = with_resolved_zero_stage(cfg, launched_world_size())  # "auto" (-1) becomes 0 or 3
     dist_info = init_distributed(pick_device(cfg.train.device))
