@@ -208,7 +208,8 @@ def test_cpu_workers_on_one_machine_share_its_memory():
 
 
 def _refused(name, seq_len, sequences, gpus, train_refuses, match, dtype="bf16", **layout):
-    return pytest.param(name, seq_len, sequences, dtype, gpus, layout, train_refuses, match, id=match[:40])
+    readable = match.replace("\\", "").replace(".*", "...")
+    return pytest.param(name, seq_len, sequences, dtype, gpus, layout, train_refuses, match, id=readable[:40])
 
 
 REFUSED = [

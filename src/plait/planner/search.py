@@ -262,7 +262,10 @@ def plan(workload: Workload, cluster: Cluster, pins: dict[str, Any] | None = Non
     if fitting:
         return _ranked(fitting)[:top]
     if not closest and pins:
-        check_layout(workload, pinned_layout(workload, cluster, pins), cluster)
+        # Why no layout matches: a rule the pinned layout breaks. Not checked against the
+        # cluster: the degrees filled in for it are a guess, and a world that does not match
+        # is the CLI's general advice (degrees multiply to the GPUs, tp within a node).
+        check_layout(workload, pinned_layout(workload, cluster, pins))
     return closest
 
 
