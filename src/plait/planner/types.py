@@ -2,8 +2,9 @@
 
 Pure Python (no torch): the planner answers for 16,384 GPUs on a laptop. `cluster.py` builds a
 `Cluster` (a GPU table, flags or a TOML profile, `plait plan --calibrate`); `memory.py` estimates
-a layout's bytes per GPU; `timing.py` its step time; `search.py` enumerates layouts, drops those
-that do not fit and ranks the rest; `explain.py` prints and serialises the answer.
+a layout's bytes per GPU (and per node of host memory); `timing.py` its step time; `rules.py`
+refuses a layout `plait train` would refuse; `search.py` enumerates layouts, drops those that do
+not fit and ranks the rest; `explain.py` prints and serialises the answer.
 
 Units: bytes, seconds, FLOP/s; bandwidth is bytes/s per GPU in one direction.
 """
