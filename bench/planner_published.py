@@ -35,8 +35,10 @@ How the rows map onto plait's vocabulary:
   output head to the embedding; untying only adds parameters (the head's matmul is counted
   either way), which plait's pipeline needs (it refuses tied embeddings with pp > 1).
 - Llama (TorchTitan): plait's named sizes `8b`, `70b`, `405b` (the same shapes).
-- FSDP -> ZeRO-3 over dp_shard; FSDP + TP -> ZeRO-3 with tp; Megatron's data parallelism (torch
-  DDP or its own "local" DDP, one all-reduce of fp32 gradients per step) -> zero_stage 0.
+- FSDP -> ZeRO-3 over dp_shard with FSDP mixed precision (bf16 compute, fp32 gradient
+  reduction, as torchtitan and plait's own sharded bf16 plans run); FSDP + TP -> ZeRO-3 with tp;
+  Megatron's data parallelism (torch DDP or its own "local" DDP, one all-reduce of fp32 gradients
+  per step) -> zero_stage 0 (bf16 under autocast).
   NOTE: plait itself refuses DDP with pp > 1, so the Megatron rows with a pipeline test the time
   model on the published layout, not a layout `plait train` would run (plait would use ZeRO-2/3,
   whose gradient reduce-scatter runs on every micro-batch); the "alternative" column shows that
@@ -125,7 +127,8 @@ def megatron_rows() -> list[Row]:
         # dp_shard = 1); with pp > 1 plait needs ZeRO-2/3 over dp_shard instead.
         layout = Layout(pp=p, dp_replicate=d, tp=t, zero_stage=0, micro_batch_size=mbs, activation_checkpointing=True,
                         pp_schedule=schedule, pp_virtual_stages=v)
-        alternatives = {"ZeRO-2, as plait runs pp": layout.replace(dp_replicate=1, dp_shard=d, zero_stage=2)} if p > 1 else {}
+        alternatives = {"ZeRO-2, as plait runs pp": layout.replace(dp_replicate=1, dp_shard=d, zero_stage=2,
+                                                                  mixed_precision=True)} if p > 1 else {}
         rows.append(Row(f"GPT {name}", MEGATRON, gpt(layers, hidden, heads), "a100-80", n, 2048, batch, layout,
                         float(tflops), unit="TFLOP/s/GPU (Megatron Eq. 3)", alternatives=alternatives,
                         note="DDP, full recompute" + (f", interleaved v={v}" if v > 1 else "")))
@@ -136,21 +139,21 @@ def titan_rows() -> list[Row]:
     n = NAMED_SIZES
     rows = []
     for gpus, batch, eager, compiled, table in ((8, 16, 5762, 6667, "table 1"), (128, 256, 5605, 6514, "table 3")):
-        layout = Layout(dp_shard=gpus, zero_stage=3, micro_batch_size=2, activation_checkpointing=False)
+        layout = Layout(dp_shard=gpus, zero_stage=3, mixed_precision=True, micro_batch_size=2, activation_checkpointing=False)
         for label, value in (("eager", eager), ("compile", compiled)):
             rows.append(Row(f"Llama3.1 8B {label}", f"{TITAN_NEW}, {table}", n["8b"], "h100", gpus, 8192, batch,
                             layout, float(value), note="FSDP, selective AC -> none; 500 W H100s",
                             alternatives={"full AC": layout.replace(activation_checkpointing=True)}))
     rows.append(Row("Llama3.1 405B", TITAN_OLD, n["405b"], "h100", 128, 8192, 32,
-                    Layout(dp_shard=16, tp=8, zero_stage=3, sequence_parallel=True, micro_batch_size=2,
-                           activation_checkpointing=True),
+                    Layout(dp_shard=16, tp=8, zero_stage=3, mixed_precision=True, sequence_parallel=True,
+                           micro_batch_size=2, activation_checkpointing=True),
                     109.0, published_mfu=0.290, note="FSDP 16 x TP 8 (+SP, torchtitan's TP plan), full AC; 95 GB lower-TDP H100s"))
-    titan_8b = Layout(dp_shard=64, zero_stage=3, micro_batch_size=1, activation_checkpointing=False)
+    titan_8b = Layout(dp_shard=64, zero_stage=3, mixed_precision=True, micro_batch_size=1, activation_checkpointing=False)
     rows.append(Row("Llama3 8B", TITAN_OLD, n["8b"], "a100-80", 64, 8192, 64, titan_8b, 2973.0, published_mfu=0.582,
                     note="FSDP, selective op AC -> none",
                     alternatives={"full AC": titan_8b.replace(activation_checkpointing=True)}))
     rows.append(Row("Llama3 70B", TITAN_OLD, n["70b"], "a100-80", 64, 8192, 64,
-                    Layout(dp_shard=64, zero_stage=3, micro_batch_size=1, activation_checkpointing=True),
+                    Layout(dp_shard=64, zero_stage=3, mixed_precision=True, micro_batch_size=1, activation_checkpointing=True),
                     331.0, published_mfu=0.517, note="FSDP, full AC"))
     return rows
 

@@ -9,13 +9,14 @@ import pytest
 
 from plait.config import ConfigError
 from plait.hardware import peak_flops
-from plait.planner.calibrate import fit_link
+from plait.planner.calibrate import _profile, fit_link
 from plait.planner.cluster import (
     DEVICES,
     cluster_from_flags,
     default_gpus_per_node,
     default_links,
     device_for_name,
+    host_memory_bytes,
     load_profile,
     sustained_flops,
     write_profile,
@@ -99,11 +100,50 @@ def test_profile_round_trips_exactly(tmp_path):
     clusters = [cluster_from_flags(64, None, key) for key in DEVICES if key != "cpu"]
     clusters.append(cluster_from_flags(2, None, "cpu"))
     odd = Device("my-gpu", {"bf16": 1 / 3 * 1e15, "fp32": 123456789.123456789}, 12345678901, 0.123456789)
-    clusters.append(Cluster(odd, 24, 6, Link(1 / 7 * 1e11, 2.5e-6 / 3), Link(3.3e9, 1e-5), source="calibrated"))
+    clusters.append(Cluster(odd, 24, 6, Link(1 / 7 * 1e11, 2.5e-6 / 3), Link(3.3e9, 1e-5), 987654321987,
+                            source="calibrated"))
     for i, cluster in enumerate(clusters):
         path = tmp_path / f"profile{i}.toml"
         write_profile(cluster, path, calibration={"workers": 2, "fit_all": [1e9, 5e-5, 10], "note": 'a "quoted" text'})
         assert load_profile(path) == cluster, cluster.device.name
+
+
+def test_host_memory_per_node_in_the_table_and_the_flags():
+    nodes = {key: cluster_from_flags(8, None, key) for key in DEVICES if key != "cpu"}
+    for key, cluster in nodes.items():
+        # A node's system memory holds at least what its GPUs hold (offload needs room for it).
+        assert cluster.host_memory_bytes >= cluster.gpus_per_node * cluster.device.memory_bytes, key
+    # The 80 GB DGX A100 ships with twice the 40 GB one's memory; H100 and H200 nodes alike.
+    assert nodes["a100-80"].host_memory_bytes == 2 * nodes["a100-40"].host_memory_bytes
+    assert nodes["h100"].host_memory_bytes == nodes["h200"].host_memory_bytes
+    # "cpu": the machine's memory is the node's host memory and, shared, the workers' device memory.
+    c = cluster_from_flags(4, None, "cpu")
+    assert c.host_memory_bytes == host_memory_bytes() and c.device_is_host and c.ranks_per_node == 4
+    assert c.device.memory_bytes * 4 <= c.host_memory_bytes
+    assert not nodes["h100"].device_is_host
+
+
+def test_profile_without_host_memory_takes_the_default(tmp_path):
+    """A profile written before cluster.host_memory_bytes existed: the table's node for a device
+    in it; for "cpu" and unknown devices, the node's device memory together."""
+    path = tmp_path / "p.toml"
+    odd = Device("my-gpu", {"bf16": 1e15}, 10 * 2**30, 0.5)
+    calibrated_cpu = Device("cpu", {"fp32": 1e11}, 3 * 2**30, 1.0)  # 3 GiB per worker, as --calibrate wrote
+    for device, expected in ((DEVICES["h100"], cluster_from_flags(8, None, "h100").host_memory_bytes),
+                             (odd, 4 * 10 * 2**30), (calibrated_cpu, 4 * 3 * 2**30)):
+        cluster = Cluster(device, 8, 4, Link(1e11, 1e-6), Link(1e10, 1e-5), host_memory_bytes=12345, source="s")
+        write_profile(cluster, path)
+        text = path.read_text()
+        assert "host_memory_bytes = 12345" in text
+        path.write_text("\n".join(line for line in text.splitlines() if not line.startswith("host_memory_bytes")))
+        assert load_profile(path) == dataclasses.replace(cluster, host_memory_bytes=expected), device.name
+
+
+def test_calibrated_profile_holds_this_machines_memory():
+    result = {"matmul": {"fp32": 2e10, "bf16": 1e10}, "torch": "x", "backend": "gloo", "device_name": "cpu"}
+    cluster, _ = _profile(result, 1)
+    assert cluster.host_memory_bytes == host_memory_bytes()
+    assert cluster.device.memory_bytes == host_memory_bytes()  # one worker: all of it
 
 
 def test_profile_without_a_source_takes_the_path(tmp_path):
@@ -135,6 +175,9 @@ def _broken(tmp_path, old: str, new: str):
         ("gpus = 16", "gpus = 12", r"cluster.gpus = 12 is not a multiple of cluster.gpus_per_node = 8"),
         ("gpus = 16", "gpus = 16.0", r"cluster.gpus = 16.0 must be a whole number"),
         ("gpus_per_node = 8\n", "", r"cluster.gpus_per_node is missing"),
+        ("host_memory_bytes = ", "host_memory_bytes = -", r"cluster.host_memory_bytes = -\d+ must be a positive"),
+        ("host_memory_bytes = ", "host_memory_byte = ", r"unknown key cluster.host_memory_byte; did you mean 'cluster.host_memory_bytes'"),
+        ("host_memory_bytes = 2199023255552", 'host_memory_bytes = "2TB"', r"cluster.host_memory_bytes = '2TB' must be a whole number"),
         ("bandwidth_bytes_per_s = 450000000000.0", "bandwidth_bytes_per_s = -1.0", r"links.intra.bandwidth_bytes_per_s = -1.0 must be positive"),
         ("latency_s = 5e-06", "latency_s = -5e-06", r"links.inter.latency_s = -5e-06 must be >= 0"),
         ("latency_s = 3e-06", "latency_us = 3.0", r"unknown key links.intra.latency_us; did you mean 'links.intra.latency_s'"),

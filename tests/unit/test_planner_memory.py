@@ -37,16 +37,16 @@ def test_zero_formulas_in_plaits_precision(n: int) -> None:
     args = NAMED_SIZES["8b"]
     psi = count_params(args).total
     w = Workload(args, 4096, 1024)
-    z3 = _states(w, Layout(dp_shard=n, zero_stage=3))
-    z2 = _states(w, Layout(dp_shard=n, zero_stage=2))
+    z3 = _states(w, Layout(dp_shard=n, zero_stage=3, mixed_precision=True))
+    z2 = _states(w, Layout(dp_shard=n, zero_stage=2, mixed_precision=True))
     z1 = _states(w, Layout(dp_shard=n, zero_stage=1))
     # Padding and the 4-byte step tensors are the only differences from the formulas.
     assert z3 == pytest.approx(16 * psi / n, rel=1e-3)
     assert z2 == z3
     assert z1 == pytest.approx(8 * psi + 12 * psi / n, rel=1e-3)
     # ZeRO-2 keeps the whole (bf16) model gathered through the step; ZeRO-3 only a few units.
-    gathered2 = estimate_memory(w, Layout(dp_shard=n, zero_stage=2)).parts["gathered_parameters"]
-    gathered3 = estimate_memory(w, Layout(dp_shard=n, zero_stage=3)).parts["gathered_parameters"]
+    gathered2 = estimate_memory(w, Layout(dp_shard=n, zero_stage=2, mixed_precision=True)).parts["gathered_parameters"]
+    gathered3 = estimate_memory(w, Layout(dp_shard=n, zero_stage=3, mixed_precision=True)).parts["gathered_parameters"]
     assert gathered2 == 2 * psi
     assert gathered3 < gathered2 / 4
 
@@ -66,6 +66,7 @@ def test_memory_falls_as_a_degree_grows(knob: str) -> None:
     args = NAMED_SIZES["70b"]
     w = Workload(args, 8192, 512)
     base = {"dp_shard": 8, "zero_stage": 3} if knob != "dp_shard" else {"zero_stage": 3}
+    base["mixed_precision"] = True  # as plait trains sharded bf16 layouts
     totals = []
     for degree in (1, 2, 4, 8):
         if knob == "dp_shard" and degree == 1:
@@ -82,11 +83,11 @@ def test_70b_needs_sharding_on_80gb() -> None:
     psi = count_params(NAMED_SIZES["70b"]).total
     assert estimate_memory(w, Layout(activation_checkpointing=True)).total > 8 * eighty  # states alone ~1.1 TB
     # 16 Psi / 8 = 141 GB: one node's worth of ZeRO-3 does not hold 70B with AdamW...
-    node = estimate_memory(w, Layout(dp_shard=8, zero_stage=3, activation_checkpointing=True))
+    node = estimate_memory(w, Layout(dp_shard=8, zero_stage=3, mixed_precision=True, activation_checkpointing=True))
     assert sum(node.parts[k] for k in ("parameters", "gradients", "optimizer")) == pytest.approx(16 * psi / 8, rel=1e-3)
     assert node.total > eighty
     # ...eight nodes do, with TP 8 and sequence parallelism for the activations.
-    nodes = estimate_memory(w, Layout(dp_shard=8, tp=8, zero_stage=3, sequence_parallel=True, activation_checkpointing=True))
+    nodes = estimate_memory(w, Layout(dp_shard=8, tp=8, zero_stage=3, mixed_precision=True, sequence_parallel=True, activation_checkpointing=True))
     assert nodes.total < eighty, nodes.parts
 
 
@@ -121,11 +122,11 @@ def test_pipeline_schedules_order_inflight_activations() -> None:
 def test_expert_parallel_divides_expert_states() -> None:
     args = NAMED_SIZES["mixtral-8x7b"]
     w = Workload(args, 4096, 256)
-    one = _states(w, Layout(dp_shard=8, zero_stage=3))
-    ep = _states(w, Layout(dp_shard=8, zero_stage=3, ep=8))
+    one = _states(w, Layout(dp_shard=8, zero_stage=3, mixed_precision=True))
+    ep = _states(w, Layout(dp_shard=8, zero_stage=3, mixed_precision=True, ep=8))
     # With FSDP over 8 ranks the expert states are already 1/8: ep moves them, same bytes.
     assert ep == pytest.approx(one, rel=1e-3)
-    moe = estimate_memory(w, Layout(dp_shard=8, zero_stage=3, ep=8)).parts
+    moe = estimate_memory(w, Layout(dp_shard=8, zero_stage=3, mixed_precision=True, ep=8)).parts
     assert moe["moe_buffers"] > 0
 
 
@@ -133,5 +134,23 @@ def test_fast_enough_for_search() -> None:
     """405B with a deep pipeline: the stage split is computed once per shape (cached)."""
     w = Workload(NAMED_SIZES["405b"], 8192, 2048)
     for mb in (1, 2, 4):
-        e = estimate_memory(w, Layout(tp=8, pp=16, dp_shard=8, zero_stage=3, micro_batch_size=mb))
+        e = estimate_memory(w, Layout(tp=8, pp=16, dp_shard=8, zero_stage=3, mixed_precision=True, micro_batch_size=mb))
         assert e.total > 0 and e.notes
+
+
+def test_cpu_offload_moves_the_states_to_the_host() -> None:
+    """CPU offload keeps ZeRO-3's sharded states (the same bytes) in host memory: reported in
+    `host`, left out of the device total; everything else on the device is unchanged."""
+    w = Workload(NAMED_SIZES["70b"], 4096, 64)
+    z3 = estimate_memory(w, Layout(dp_shard=8, zero_stage=3, mixed_precision=True, activation_checkpointing=True))
+    off = estimate_memory(w, Layout(dp_shard=8, zero_stage=3, mixed_precision=True, activation_checkpointing=True,
+                                    cpu_offload=True))
+    states = ("parameters", "gradients", "optimizer")
+    assert off.host == {k: z3.parts[k] for k in states} and z3.host == {}
+    assert all(off.parts[k] == 0 for k in states)
+    assert off.total == z3.total - sum(z3.parts[k] for k in states)
+    assert off.host_total == pytest.approx(16 * count_params(NAMED_SIZES["70b"]).total / 8, rel=1e-3)
+    # With a pipeline the host bytes are those of the stage holding the most.
+    stages = estimate_memory_by_stage(w, Layout(pp=4, dp_shard=2, zero_stage=3, mixed_precision=True, cpu_offload=True))
+    piped = estimate_memory(w, Layout(pp=4, dp_shard=2, zero_stage=3, mixed_precision=True, cpu_offload=True))
+    assert piped.host_total == max(s.host_total for s in stages) and piped.total == max(s.total for s in stages)

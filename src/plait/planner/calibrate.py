@@ -300,5 +300,7 @@ def _profile(result: dict, workers: int) -> tuple[Cluster, dict[str, Any]]:
     else:
         intra, inter = default_links(key) if key else default_links("cpu")
         calibration["method_links"] = "one worker measures no links: the table's default links for this device"
-    cluster = Cluster(device=device, gpus=workers, gpus_per_node=workers, intra=intra, inter=inter, source="calibrated")
+    # This machine's memory is the node's host memory (for "cpu" also the workers' device memory).
+    cluster = Cluster(device=device, gpus=workers, gpus_per_node=workers, intra=intra, inter=inter,
+                      host_memory_bytes=host_memory_bytes(), source="calibrated")
     return cluster, calibration

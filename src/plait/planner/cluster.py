@@ -20,6 +20,7 @@ from plait.planner.types import Cluster, Device, Link
 
 GB = 1e9  # vendors quote link and memory-bandwidth figures in decimal units
 MIB = 2**20
+TIB = 2**40  # system memory is DIMMs of binary sizes (32 x 64 GiB = "2 TB")
 
 # What the peak_flops table may hold. "fp32" is the rate of the path plait's fp32 matmuls take:
 # on NVIDIA GPUs that is plain FP32 on the CUDA cores, because PyTorch leaves TF32 off for matmuls
@@ -36,6 +37,7 @@ class _Entry:
     gpus_per_node: int
     intra: Link
     inter: Link
+    host_memory_bytes: int  # the usual node's system memory (what CPU offload fills)
 
 
 # Interconnects, bytes/s per GPU in one direction. Latency is per message (one step of a
@@ -75,6 +77,16 @@ def host_memory_bytes() -> int:
         return 16 * 2**30
 
 
+# Host memory per node is the usual server's system memory as its vendor ships it (the OS
+# reports a little less; memory.py keeps a stated share of it back for the OS and buffers):
+# DGX A100 320GB (a100-40) 1 TB, DGX A100 640GB (a100-80) 2 TB (NVIDIA DGX A100 datasheet and
+# user guide); DGX H100 and DGX H200 2 TB, 32 DIMMs (NVIDIA DGX H100/H200 user guide); DGX B200
+# 2 TB, 32 DIMMs, "upgradable to 4 TB" (NVIDIA DGX B200 user guide: the shipped size is planned
+# for, write a profile for an upgraded node); Frontier's HPE Cray EX235a node 512 GB DDR4 for
+# its 8 MI250X GCDs (OLCF Frontier user guide); L40S servers vary: 1 TB for 8 GPUs is an
+# assumption (write a profile for the real one); "cpu": this machine's memory, which is also the
+# device memory the workers share.
+#
 # Memory is the capacity the driver reports (nvidia-smi / rocm-smi "total"), in MiB; what a
 # process can allocate is a little less (the CUDA context, the allocator's fragmentation), which
 # memory.py's stated allowance covers.
@@ -90,48 +102,49 @@ _TABLE: dict[str, _Entry] = {
     # FP32 19.5, no FP8; 40 GB HBM2 or 80 GB HBM2e. DGX A100: 8 GPUs, NVLink 3, 8x HDR IB.
     "a100-40": _Entry(
         Device("a100-40", {"bf16": 312e12, "fp32": 19.5e12, "tf32": 156e12}, 40960 * MIB, 0.8),
-        8, _NVLINK3, _IB_HDR,
+        8, _NVLINK3, _IB_HDR, 1 * TIB,
     ),
     "a100-80": _Entry(
         Device("a100-80", {"bf16": 312e12, "fp32": 19.5e12, "tf32": 156e12}, 81920 * MIB, 0.8),
-        8, _NVLINK3, _IB_HDR,
+        8, _NVLINK3, _IB_HDR, 2 * TIB,
     ),
     # NVIDIA H100 Tensor Core GPU datasheet (SXM5): BF16 989 TFLOPS dense (1,979 sparse), FP8
     # 1,979 dense, TF32 494.7, FP32 67; 80 GB HBM3. DGX H100: 8 GPUs, NVLink 4, 8x NDR IB.
     "h100": _Entry(
         Device("h100", {"bf16": 989e12, "fp8": 1979e12, "fp32": 67e12, "tf32": 494.7e12}, 81559 * MIB, 0.7),
-        8, _NVLINK4, _IB_NDR,
+        8, _NVLINK4, _IB_NDR, 2 * TIB,
     ),
     # NVIDIA H200 Tensor Core GPU datasheet (SXM): the H100's compute with 141 GB HBM3e.
     "h200": _Entry(
         Device("h200", {"bf16": 989e12, "fp8": 1979e12, "fp32": 67e12, "tf32": 494.7e12}, 143771 * MIB, 0.7),
-        8, _NVLINK4, _IB_NDR,
+        8, _NVLINK4, _IB_NDR, 2 * TIB,
     ),
     # NVIDIA HGX B200 / DGX B200 datasheets, per GPU: BF16 2.25 PFLOPS dense (4.5 sparse), FP8
     # 4.5 dense, TF32 1.1 dense, FP32 75 (600 for 8 GPUs); 180 GB HBM3e usable. DGX B200: 8 GPUs,
     # NVLink 5, 8x 400 Gb/s ConnectX-7.
     "b200": _Entry(
         Device("b200", {"bf16": 2250e12, "fp8": 4500e12, "fp32": 75e12, "tf32": 1100e12}, 183359 * MIB, 0.7),
-        8, _NVLINK5, _IB_NDR,
+        8, _NVLINK5, _IB_NDR, 2 * TIB,
     ),
     # AMD Instinct MI250X datasheet: BF16 383 TFLOPS, FP32 matrix 95.7, no FP8, 128 GB HBM2e, per
     # module of two GCDs. PyTorch shows each GCD as one device, and one rank drives one GCD, so
     # the entry is one GCD: half of each (191.5 TFLOPS bf16, 64 GB). Frontier: 8 GCDs per node.
     "mi250x": _Entry(
         Device("mi250x", {"bf16": 191.5e12, "fp32": 47.85e12}, 65536 * MIB, 0.65),
-        8, _XGMI, _SLINGSHOT,
+        8, _XGMI, _SLINGSHOT, 512 * 2**30,
     ),
     # NVIDIA L40S datasheet: BF16 362 TFLOPS dense (733 sparse), FP8 733 dense, TF32 183, FP32
     # 91.6; 48 GB GDDR6; PCIe only.
     "l40s": _Entry(
         Device("l40s", {"bf16": 362e12, "fp8": 733e12, "fp32": 91.6e12, "tf32": 183e12}, 46068 * MIB, 0.7),
-        8, _PCIE4, _ETH100,
+        8, _PCIE4, _ETH100, 1 * TIB,
     ),
     # A CPU process as a "GPU": a placeholder rate of the right order for one worker (a few AVX2
-    # cores), the machine's memory. `plait plan --calibrate` measures the real rate and links.
+    # cores), the machine's memory (as device and as host memory: the same bytes).
+    # `plait plan --calibrate` measures the real rate and links.
     "cpu": _Entry(
         Device("cpu", {"bf16": 100e9, "fp32": 100e9}, host_memory_bytes(), 1.0),
-        1, _CPU_LOOPBACK, _ETH10,
+        1, _CPU_LOOPBACK, _ETH10, host_memory_bytes(),
     ),
 }
 
@@ -158,6 +171,16 @@ def default_links(device_key: str) -> tuple[Link, Link]:
 def default_gpus_per_node(device_key: str) -> int:
     """GPUs per node of the usual server (for "cpu": 1, as many processes as the job asks)."""
     return _entry(device_key).gpus_per_node
+
+
+def default_host_memory(device_name: str, gpus_per_node: int, device_memory_bytes: int) -> int:
+    """Host memory per node for a profile that does not give `cluster.host_memory_bytes` (one
+    written before the key existed): the usual server's for a device in the table; otherwise, and
+    for "cpu" (whose profile's device memory is the machine's share per worker), as much as the
+    node's device memory together, an assumption on the safe side for offload."""
+    if device_name in _TABLE and device_name != "cpu":
+        return _TABLE[device_name].host_memory_bytes
+    return device_memory_bytes * gpus_per_node
 
 
 def device_for_name(device_name: str) -> str | None:
@@ -198,7 +221,8 @@ def cluster_from_flags(gpus: int, gpus_per_node: int | None, gpu: str) -> Cluste
     device = entry.device
     if gpu == "cpu":
         device = Device(device.name, dict(device.peak_flops), device.memory_bytes // per_node, device.matmul_efficiency)
-    return Cluster(device=device, gpus=gpus, gpus_per_node=per_node, intra=entry.intra, inter=entry.inter, source="flags")
+    return Cluster(device=device, gpus=gpus, gpus_per_node=per_node, intra=entry.intra, inter=entry.inter,
+                   host_memory_bytes=entry.host_memory_bytes, source="flags")
 
 
 def sustained_flops(device: Device, dtype: str) -> float:
@@ -219,6 +243,8 @@ def describe(cluster: Cluster) -> list[str]:
     return [
         f"cluster: {cluster.gpus} x {d.name} ({cluster.nodes} node(s) of {cluster.gpus_per_node}), from {cluster.source}",
         f"device: peak TFLOP/s {rates}; sustained {d.matmul_efficiency:.2f} of peak; memory {d.memory_bytes / 2**30:.1f} GiB",
+        f"host memory: {cluster.host_memory_bytes / 2**30:.1f} GiB per node"
+        + (" (the workers' own memory: the device is the host)" if cluster.device_is_host else ""),
         f"intra-node link: {cluster.intra.bandwidth / GB:.4g} GB/s per GPU, {cluster.intra.latency * 1e6:.3g} us per message",
         f"inter-node link: {cluster.inter.bandwidth / GB:.4g} GB/s per GPU, {cluster.inter.latency * 1e6:.3g} us per message",
     ]
@@ -228,7 +254,8 @@ def describe(cluster: Cluster) -> list[str]:
 #
 # [device]          name, memory_bytes, matmul_efficiency
 # [device.peak_flops] bf16, fp8, fp32, tf32 (FLOP/s; leave a dtype out where the device has none)
-# [cluster]         gpus, gpus_per_node, source (optional)
+# [cluster]         gpus, gpus_per_node, host_memory_bytes (per node; optional, default below),
+#                   source (optional)
 # [links.intra]     bandwidth_bytes_per_s (per GPU, one direction), latency_s (per message)
 # [links.inter]     the same
 # [calibration]     optional, free-form: what --calibrate measured and how (not read back)
@@ -238,7 +265,7 @@ def describe(cluster: Cluster) -> list[str]:
 
 _SECTIONS = {
     "device": {"name", "memory_bytes", "matmul_efficiency", "peak_flops"},
-    "cluster": {"gpus", "gpus_per_node", "source"},
+    "cluster": {"gpus", "gpus_per_node", "host_memory_bytes", "source"},
     "links": {"intra", "inter"},
     "calibration": None,  # free-form
 }
@@ -263,6 +290,7 @@ def write_profile(cluster: Cluster, path: str | Path, calibration: dict[str, Any
         "[cluster]",
         f"gpus = {int(cluster.gpus)}",
         f"gpus_per_node = {int(cluster.gpus_per_node)}",
+        f"host_memory_bytes = {int(cluster.host_memory_bytes)}  # per node, {cluster.host_memory_bytes / 2**30:.2f} GiB",
         f"source = {_toml_str(cluster.source)}",
     ]
     for name, link in (("intra", cluster.intra), ("inter", cluster.inter)):
@@ -335,6 +363,15 @@ def load_profile(path: str | Path) -> Cluster:
     source = clu.get("source", str(path))
     if not isinstance(source, str):
         raise ConfigError(f"{where}: cluster.source = {source!r} must be a string")
+    if "host_memory_bytes" in clu:
+        host = _get(clu, "cluster", "host_memory_bytes", where, int)
+        if host < 1:
+            raise ConfigError(
+                f"{where}: cluster.host_memory_bytes = {host} must be a positive number of bytes "
+                f"(each node's system memory, e.g. 2199023255552 for a 2 TB DGX H100)"
+            )
+    else:
+        host = default_host_memory(name, min(gpus, per_node), memory)
 
     parsed: dict[str, Link] = {}
     for name_ in ("intra", "inter"):
@@ -358,7 +395,8 @@ def load_profile(path: str | Path) -> Cluster:
         parsed[name_] = Link(bandwidth=bandwidth, latency=latency)
 
     device = Device(name=name, peak_flops=peak_flops, memory_bytes=memory, matmul_efficiency=efficiency)
-    return Cluster(device=device, gpus=gpus, gpus_per_node=per_node, intra=parsed["intra"], inter=parsed["inter"], source=source)
+    return Cluster(device=device, gpus=gpus, gpus_per_node=per_node, intra=parsed["intra"], inter=parsed["inter"],
+                   host_memory_bytes=host, source=source)
 
 
 def _get(table: dict, section: str, key: str, where: str, kind: type) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from plait.config import to_toml
+from plait.planner.memory import HOST_RESERVED, host_bytes_per_node, memory_ratios, usable_host_bytes
 from plait.planner.types import Candidate, Cluster, Workload
 
 GIB = 2**30
@@ -26,7 +27,8 @@ def header(workload: Workload, cluster: Cluster) -> str:
             + f"; seq_len {workload.seq_len}, {workload.global_batch_sequences} sequences "
             f"({workload.global_batch_tokens:,} tokens) per step, {workload.dtype}\n"
             f"cluster: {cluster.gpus} x {cluster.device.name} ({cluster.gpus_per_node} per node, "
-            f"{_gib(cluster.device.memory_bytes)} each; from {cluster.source})")
+            f"{_gib(cluster.device.memory_bytes)} each, {_gib(cluster.host_memory_bytes)} host memory per node; "
+            f"from {cluster.source})")
 
 
 def table(cands: list[Candidate]) -> str:
@@ -47,11 +49,25 @@ def table(cands: list[Candidate]) -> str:
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows)
 
 
-def memory_breakdown(c: Candidate, capacity: int) -> str:
-    lines = [f"memory per GPU (most loaded rank): {_gib(c.memory.total)} of {_gib(capacity)}"]
+def memory_breakdown(c: Candidate, cluster: Cluster) -> str:
+    """Device bytes by part; with CPU offload (or on the "cpu" device) also the node's host
+    memory: the ranks of a node times each rank's host bytes, against what the node has."""
+    lines = [f"memory per GPU (most loaded rank): {_gib(c.memory.total)} of {_gib(cluster.device.memory_bytes)}"]
     lines += [f"  {name:<20} {_gib(value):>11}" for name, value in c.memory.parts.items() if value]
+    if c.memory.host_total or cluster.device_is_host:
+        lines.append(_host_line(c, cluster))
+        lines += [f"  {name:<20} {_gib(value):>11} per rank" for name, value in c.memory.host.items() if value]
     lines += [f"  note: {n}" for n in c.memory.notes]
     return "\n".join(lines)
+
+
+def _host_line(c: Candidate, cluster: Cluster) -> str:
+    per_rank = c.memory.host_total + (c.memory.total if cluster.device_is_host else 0)
+    what = (f"{cluster.ranks_per_node} workers x {_gib(per_rank)}: the device is the host" if cluster.device_is_host
+            else f"{cluster.ranks_per_node} ranks x {_gib(per_rank)} of offloaded states")
+    return (f"host memory per node: {_gib(host_bytes_per_node(c.memory, cluster))} ({what}) of "
+            f"{_gib(usable_host_bytes(cluster))} usable ({_gib(cluster.host_memory_bytes)} less "
+            f"{HOST_RESERVED:.0%} for the OS and buffers)")
 
 
 def time_breakdown(c: Candidate) -> str:
@@ -103,7 +119,7 @@ def explain(cands: list[Candidate], workload: Workload, cluster: Cluster) -> str
     """The full printout: header, table, the choice's breakdowns, the runner-up."""
     out = [header(workload, cluster), "", table(cands), ""]
     best = cands[0]
-    out += [f"chosen: {best.layout.short()}", memory_breakdown(best, cluster.device.memory_bytes), "",
+    out += [f"chosen: {best.layout.short()}", memory_breakdown(best, cluster), "",
             time_breakdown(best)]
     if len(cands) > 1:
         out += ["", why_runner_up_lost(best, runner_up(cands))]
@@ -111,16 +127,36 @@ def explain(cands: list[Candidate], workload: Workload, cluster: Cluster) -> str
 
 
 def nothing_fits(closest: list[Candidate], workload: Workload, cluster: Cluster, for_train: bool = False) -> str:
-    """What to change when no layout fits: the least memory any layout needs, and the fixes, in
-    `plait plan`'s flags or (`for_train`, parallel.auto) in `plait train`'s."""
+    """What to change when no layout fits: the layout closest to fitting, which memory it runs
+    out of (the device's, or the node's host memory for CPU offload and the "cpu" device), by
+    how much, and the fixes, in `plait plan`'s flags or (`for_train`, parallel.auto) in
+    `plait train`'s."""
     if not closest:
         return "no layout matches"
-    least = min(closest, key=lambda c: c.memory.total)
-    need = least.memory.total / cluster.device.memory_bytes
+    least = min(closest, key=lambda c: max(memory_ratios(c.memory, cluster)))
+    device_need, host_need = memory_ratios(least.memory, cluster)
+    need = max(device_need, host_need)
     factor = 2
     while factor < need:
         factor *= 2
     gpus = cluster.gpus * factor
+    if host_need > device_need:
+        if for_train:
+            what = "the workers' memory" if cluster.device_is_host else "the offloaded states"
+            fix = f"Run more workers ({gpus} or more, over more machines), machines with more memory"
+        elif cluster.device_is_host:
+            what = f"{cluster.ranks_per_node} workers' memory"
+            fix = (f"Spread the workers over more machines (--gpus {gpus} --gpus-per-node "
+                   f"{cluster.ranks_per_node}, or fewer per machine), a machine with more memory (--cluster FILE)")
+        else:
+            what = f"{cluster.ranks_per_node} ranks' offloaded states"
+            fix = (f"Use more GPUs (--gpus {gpus} or more, so ZeRO-3 shards the states over more nodes), nodes "
+                   f"with more memory (--cluster FILE with cluster.host_memory_bytes)")
+        return (f"no layout fits: the closest, {least.layout.short()}, needs "
+                f"{_gib(host_bytes_per_node(least.memory, cluster))} of host memory per node ({what}), but a node "
+                f"has {_gib(usable_host_bytes(cluster))} usable ({_gib(cluster.host_memory_bytes)} less "
+                f"{HOST_RESERVED:.0%} for the OS and buffers; {need:.1f}x). {fix}, a shorter sequence (--seq-len) "
+                f"or a smaller model.")
     head = (f"no layout fits: the most frugal, {least.layout.short()}, needs {_gib(least.memory.total)} per GPU, "
             f"but a {cluster.device.name} has {_gib(cluster.device.memory_bytes)} ({need:.1f}x). ")
     if for_train:
@@ -140,6 +176,7 @@ def layout_json(c: Candidate) -> dict[str, Any]:
         "pp_schedule": lay.pp_schedule, "pp_virtual_stages": lay.pp_virtual_stages, "cp_method": lay.cp_method,
         "cpu_offload": lay.cpu_offload, "fits": c.fits,
         "memory_bytes_per_gpu": c.memory.total, "memory_parts": dict(c.memory.parts),
+        "host_memory_bytes_per_rank": c.memory.host_total, "host_memory_parts": dict(c.memory.host),
         "step_s": c.time.step_s, "time_parts": dict(c.time.parts),
         "tokens_per_s_per_gpu": c.tokens_per_s_per_gpu, "tflops_per_gpu": c.tflops_per_gpu, "mfu": c.mfu,
     }

@@ -18,6 +18,11 @@ paper's bookkeeping), tensor by tensor where the count can be exact:
   (fp32 on CPU; bf16 autocast on GPUs keeps norms and the residual stream in fp32 and casts each
   linear's input separately). Checked within 10% against saved-tensor counts (docs/planner_memory.md).
 - buffers and fragmentation are allowances, stated in `notes`.
+- CPU offload (ZeRO-3 with FSDP2's CPUOffloadPolicy) keeps the sharded model states in host
+  memory: they are reported in `MemoryEstimate.host`, not in the device total. `memory_fits`
+  checks both: the device total against the device's memory, and the host bytes of all ranks of
+  a node against the node's host memory less a stated reserve (for the "cpu" device, whose memory
+  is the host's, the ranks' whole totals count there).
 
 Symbols: b micro-batch sequences, t tokens of a sequence on this rank (seq_len / cp), N = b t,
 D hidden, h/k query/key-value heads, e head dim, f MLP width, V vocabulary, tau the TP degree.
@@ -29,12 +34,16 @@ import functools
 from dataclasses import dataclass
 
 from plait.model.sizes import ModelArgs
-from plait.planner.types import Layout, MemoryEstimate, Workload
+from plait.planner.types import Cluster, Layout, MemoryEstimate, Workload
 
 FP32 = 4
 # A stated allowance for the caching allocator's fragmentation: a share of the dynamic part
 # (everything but the model states), which is allocated and freed every step.
 FRAGMENTATION = 0.08
+# A stated share of each node's host memory kept back from the ranks: the OS and its page cache,
+# the CUDA driver's pinned staging buffers, the data loader and each process's own CPU memory
+# (the interpreter, torch's libraries). An assumption, not a measurement.
+HOST_RESERVED = 0.10
 
 
 @dataclass(frozen=True)
@@ -189,8 +198,14 @@ def _moe_activations(args: ModelArgs, layout: Layout, n: int, act: int) -> int:
 
 
 def estimate_memory(workload: Workload, layout: Layout) -> MemoryEstimate:
-    """Bytes per GPU of the most loaded rank, by part (see the module docstring)."""
-    return max(estimate_memory_by_stage(workload, layout), key=lambda e: e.total)
+    """Bytes per GPU of the most loaded rank, by part (see the module docstring); `host` is
+    that of the rank with the most host bytes (pipeline stages hold different shares), so that
+    ranks x `host_total` bounds a node's host bytes from above."""
+    stages = estimate_memory_by_stage(workload, layout)
+    worst = max(stages, key=lambda e: e.total)
+    if len(stages) > 1:
+        worst.host = max(stages, key=lambda e: e.host_total).host
+    return worst
 
 
 def estimate_memory_by_stage(workload: Workload, layout: Layout) -> list[MemoryEstimate]:
@@ -219,7 +234,7 @@ def estimate_memory_by_stage(workload: Workload, layout: Layout) -> list[MemoryE
         local = sum(g.local for g in groups)
         sharded = sum(g.sharded for g in groups)
         tensors = sum(g.tensors for g in groups)
-        parts = _model_states(layout, local, sharded, tensors, first, last, block, embed, head_states, args, act != FP32)
+        parts, host = _model_states(layout, local, sharded, tensors, first, last, block, embed, head_states, args, act != FP32)
 
         # Activations of one micro-batch on this rank.
         per_block = _block_activations(args, layout, b, t, act)
@@ -248,7 +263,7 @@ def estimate_memory_by_stage(workload: Workload, layout: Layout) -> list[MemoryE
         parts["comm_buffers"] = _comm_buffers(layout, local, sharded, block, embed, head_states, layers, first, last, n, d, act)
         dynamic = sum(parts[k] for k in ("activations", "pipeline_inflight", "temporaries", "moe_buffers", "comm_buffers", "compute_weights"))
         parts["fragmentation"] = int(FRAGMENTATION * dynamic)
-        estimates.append(MemoryEstimate(parts))
+        estimates.append(MemoryEstimate(parts, host=host))
     notes.append(
         "model states exact for plait's allocation: fp32 parameters, fp32 gradients, AdamW fp32 moments "
         "(+ a 4-byte step per tensor); activations counted from autograd's saved tensors"
@@ -256,7 +271,8 @@ def estimate_memory_by_stage(workload: Workload, layout: Layout) -> list[MemoryE
     if layout.pp > 1:
         notes.append(f"pipeline: the most loaded of {layout.pp} ranks ({layout.pp_schedule}, {m} micro-batches)")
     if layout.cpu_offload:
-        notes.append("cpu_offload: sharded parameters, gradients and optimizer state live in host memory")
+        notes.append("cpu_offload: sharded parameters, gradients and optimizer state live in host memory "
+                     f"(host, per rank); a node keeps {HOST_RESERVED:.0%} of its host memory for the OS and buffers")
     if args.moe_experts > 0:
         notes.append("MoE: balanced routing assumed (each ep rank computes as many token rows as it sends)")
     notes.append(f"fragmentation: a {FRAGMENTATION:.0%} allowance on the dynamic part (assumption)")
@@ -268,9 +284,11 @@ def estimate_memory_by_stage(workload: Workload, layout: Layout) -> list[MemoryE
 def _model_states(
     layout: Layout, local: int, sharded: int, tensors: int, first: bool, last: bool,
     block: _States, embed: _States, head: _States, args: ModelArgs, autocast: bool,
-) -> dict[str, int]:
+) -> tuple[dict[str, int], dict[str, int]]:
+    """(device parts, host parts) of the model states and the compute copies of the weights."""
     zero, shards = layout.zero_stage, layout.dp_shard
     parts: dict[str, int] = {}
+    host: dict[str, int] = {}
     zero1_optimizer = layout.dp > 1 and (zero == 1 or (zero == 0 and layout.tp > 1))
     if zero >= 2:
         params, grads = sharded, sharded  # FSDP2: padded shards; gradients one padded flat per unit
@@ -284,7 +302,11 @@ def _model_states(
         optim = 2 * local * FP32 + tensors * FP32
     params_b, grads_b = params * FP32, grads * FP32
     if layout.cpu_offload and zero == 3:
-        params_b, grads_b, optim = 0, 0, 0  # CPUOffloadPolicy: on the host between uses
+        # CPUOffloadPolicy: the sharded fp32 parameters live on the host (copied to the device
+        # for each all-gather), the reduce-scattered gradient shards are copied back to the host,
+        # and AdamW steps there, so its moments are host tensors too.
+        host = {"parameters": params_b, "gradients": grads_b, "optimizer": optim}
+        params_b, grads_b, optim = 0, 0, 0
     parts["parameters"], parts["gradients"], parts["optimizer"] = params_b, grads_b, optim
     # Compute copies of the weights during forward and backward (not model states):
     # ZeRO-2 keeps every unit of the rank gathered from its forward to its backward; ZeRO-3
@@ -309,7 +331,7 @@ def _model_states(
                   + (embed.matmul if first else 0) + (head.matmul if last else 0))
         autocast_copies = 2 * matmul
     parts["compute_weights"] = autocast_copies
-    return parts
+    return parts, host
 
 
 def _zero1_optimizer_bytes(args: ModelArgs, layout: Layout, local: int) -> int:
@@ -359,3 +381,34 @@ def _comm_buffers(
     if layout.pp > 1:
         total += 2 * n * d * act
     return total
+
+
+# ---- fitting the cluster --------------------------------------------------------------------
+
+
+def usable_host_bytes(cluster: Cluster) -> int:
+    """A node's host memory the ranks may fill: all of it less the `HOST_RESERVED` share."""
+    return int(cluster.host_memory_bytes * (1 - HOST_RESERVED))
+
+
+def host_bytes_per_node(memory: MemoryEstimate, cluster: Cluster) -> int:
+    """Host memory the ranks of one node need: each rank's offloaded states (`memory.host`),
+    and, when the device is the host ("cpu"), each rank's whole device total as well. Every
+    rank of the node is counted at the most loaded one (`estimate_memory`): an upper bound when
+    the node's ranks hold different pipeline stages."""
+    per_rank = memory.host_total + (memory.total if cluster.device_is_host else 0)
+    return cluster.ranks_per_node * per_rank
+
+
+def memory_ratios(memory: MemoryEstimate, cluster: Cluster) -> tuple[float, float]:
+    """(device bytes / device memory, a node's host bytes / its usable host memory): the layout
+    fits when both are at most 1; the larger says how far a layout is from fitting."""
+    return (memory.total / cluster.device.memory_bytes,
+            host_bytes_per_node(memory, cluster) / max(1, usable_host_bytes(cluster)))
+
+
+def memory_fits(memory: MemoryEstimate, cluster: Cluster) -> bool:
+    """The device total within the device's memory, and the node's host bytes within its usable
+    host memory (see `usable_host_bytes`)."""
+    return (memory.total <= cluster.device.memory_bytes
+            and host_bytes_per_node(memory, cluster) <= usable_host_bytes(cluster))

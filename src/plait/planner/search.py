@@ -4,8 +4,11 @@ Pure Python. `enumerate_layouts` walks the degrees (tp, cp, pp, the data-paralle
 ZeRO stage, ep) and the knobs (sequence parallelism, schedule and virtual stages, context method,
 offload, micro-batch, activation checkpointing) under the rules of `plait.config_checks`, which
 are restated here without torch (tests/unit/test_planner_search.py checks every emitted layout
-against `validate`). `plan` estimates memory and time, drops what does not fit and ranks the rest
-by predicted tokens/s per GPU.
+against `validate`). `check_layout` states the same rules for one layout given from outside the
+search (`candidate()` calls it: the estimators price any layout, even one `plait train` refuses).
+`plan` estimates memory and time, drops what does not fit (device memory, and host memory per
+node for CPU offload and the "cpu" device: `memory_fits`) and ranks the rest by predicted
+tokens/s per GPU.
 
 Pruning keeps 16,384 GPUs answerable in seconds: degrees are divisors of the world (tp within a
 node, cp and micro-batches powers of two), and the knobs of a set of degrees are only timed when
@@ -19,7 +22,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from plait.model.flops import flops_per_token
-from plait.planner.memory import estimate_memory
+from plait.planner.memory import estimate_memory, memory_fits, memory_ratios
+from plait.planner.rules import PlanError, check_layout, pinned_layout
 from plait.planner.timing import estimate_time
 from plait.planner.types import Candidate, Cluster, Layout, Workload
 
@@ -35,10 +39,6 @@ PIN_KEYS = ("tp", "pp", "cp", "ep", "dp", "dp_replicate", "dp_shard", "zero_stag
 PIN_ALIASES = {"zero": "zero_stage", "mb": "micro_batch_size", "ac": "activation_checkpointing",
                "sp": "sequence_parallel", "schedule": "pp_schedule", "v": "pp_virtual_stages",
                "offload": "cpu_offload", "replicate": "dp_replicate", "shard": "dp_shard"}
-
-
-class PlanError(ValueError):
-    """Bad planner input (pins, workload, cluster), with the field, the value and the fix."""
 
 
 def check_pins(pins: dict[str, Any] | None) -> dict[str, Any]:
@@ -209,7 +209,9 @@ def enumerate_layouts(workload: Workload, cluster: Cluster, pins: dict[str, Any]
 
 
 def candidate(workload: Workload, layout: Layout, cluster: Cluster) -> Candidate:
-    """Estimate one layout: memory, time and the numbers users compare."""
+    """Estimate one layout: memory, time and the numbers users compare. A layout `plait train`
+    would refuse (or one that does not match the cluster) raises PlanError (`check_layout`)."""
+    check_layout(workload, layout, cluster)
     memory = estimate_memory(workload, layout)
     time = estimate_time(workload, layout, cluster)
     step = time.step_s
@@ -219,7 +221,7 @@ def candidate(workload: Workload, layout: Layout, cluster: Cluster) -> Candidate
     peak = cluster.device.peak_flops.get(workload.dtype) or cluster.device.peak_flops.get("fp32", 0.0)
     return Candidate(layout=layout, memory=memory, time=time, tokens_per_s_per_gpu=tokens_per_s,
                      tflops_per_gpu=flops / 1e12, mfu=flops / peak if peak else 0.0,
-                     fits=memory.total <= cluster.device.memory_bytes)
+                     fits=memory_fits(memory, cluster))
 
 
 def check_workload(workload: Workload, cluster: Cluster) -> None:
@@ -234,31 +236,39 @@ def check_workload(workload: Workload, cluster: Cluster) -> None:
 
 def plan(workload: Workload, cluster: Cluster, pins: dict[str, Any] | None = None, top: int = 10) -> list[Candidate]:
     """The best `top` layouts that fit, by predicted tokens/s per GPU (ties: less memory first).
-    When none fits, the `top` that come closest (least memory per GPU), with `fits` False."""
+    When none fits, the `top` that come closest (the least need over what the device or the
+    node's host memory has: `memory_ratios`), with `fits` False. When no layout matches the pins,
+    the reason the layout they describe is refused (PlanError), else an empty list."""
     check_workload(workload, cluster)
     pins = check_pins(pins)
-    capacity = cluster.device.memory_bytes
     fitting: list[Candidate] = []
     closest: list[Candidate] = []
     for base in structures(workload, cluster, pins):
         frugal = next(variants(base, workload, pins), None)
         if frugal is None:
             continue
-        first = estimate_memory(workload, frugal)
-        if first.total > capacity:
+        # Host bytes (offloaded states) do not depend on the micro-batch or checkpointing, and
+        # the device bytes are least in the frugal variant: if it does not fit, none does.
+        if not memory_fits(estimate_memory(workload, frugal), cluster):
             closest.append(candidate(workload, frugal, cluster))
-            closest = sorted(closest, key=lambda c: c.memory.total)[:top]
+            closest = sorted(closest, key=lambda c: max(memory_ratios(c.memory, cluster)))[:top]
             continue
         for layout in variants(base, workload, pins):
-            if estimate_memory(workload, layout).total > capacity:
+            if not memory_fits(estimate_memory(workload, layout), cluster):
                 continue
             fitting.append(candidate(workload, layout, cluster))
         if len(fitting) > 20 * top:
             fitting = _ranked(fitting)[: 4 * top]
     if fitting:
         return _ranked(fitting)[:top]
+    if not closest and pins:
+        # Why no layout matches: a rule the pinned layout breaks. Not checked against the
+        # cluster: the degrees filled in for it are a guess, and a world that does not match
+        # is the CLI's general advice (degrees multiply to the GPUs, tp within a node).
+        check_layout(workload, pinned_layout(workload, cluster, pins))
     return closest
 
 
 def _ranked(cands: list[Candidate]) -> list[Candidate]:
     return sorted(cands, key=lambda c: (-c.tokens_per_s_per_gpu, c.memory.total, c.layout.short()))
+

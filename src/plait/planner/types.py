@@ -2,8 +2,9 @@
 
 Pure Python (no torch): the planner answers for 16,384 GPUs on a laptop. `cluster.py` builds a
 `Cluster` (a GPU table, flags or a TOML profile, `plait plan --calibrate`); `memory.py` estimates
-a layout's bytes per GPU; `timing.py` its step time; `search.py` enumerates layouts, drops those
-that do not fit and ranks the rest; `explain.py` prints and serialises the answer.
+a layout's bytes per GPU (and per node of host memory); `timing.py` its step time; `rules.py`
+refuses a layout `plait train` would refuse; `search.py` enumerates layouts, drops those that do
+not fit and ranks the rest; `explain.py` prints and serialises the answer.
 
 Units: bytes, seconds, FLOP/s; bandwidth is bytes/s per GPU in one direction.
 """
@@ -40,16 +41,31 @@ class Device:
 
 @dataclass(frozen=True)
 class Cluster:
+    """The machines: `gpus` devices, `gpus_per_node` to a node, the links, and each node's host
+    memory (what CPU offload keeps its states in; for the "cpu" device, what the workers run in)."""
+
     device: Device
     gpus: int
     gpus_per_node: int
     intra: Link  # within a node (NVLink, xGMI, shared memory)
     inter: Link  # between nodes (InfiniBand, RoCE, Ethernet)
+    host_memory_bytes: int  # per node: the CPU's memory (DIMMs) the node's ranks share
     source: str = "table"  # "table", "flags", a profile path, or "calibrated"
 
     @property
     def nodes(self) -> int:
         return -(-self.gpus // self.gpus_per_node)
+
+    @property
+    def ranks_per_node(self) -> int:
+        """Workers that share one node's host memory (fewer than a node: all of them)."""
+        return min(self.gpus, self.gpus_per_node)
+
+    @property
+    def device_is_host(self) -> bool:
+        """The "cpu" device: its memory is the host's, so every worker of a node draws on the
+        node's host memory for everything it holds, not only for offloaded states."""
+        return self.device.name == "cpu"
 
 
 @dataclass(frozen=True)
@@ -89,7 +105,10 @@ class Layout:
     pp_virtual_stages: int = 1
     cp_method: Literal["ring", "ulysses"] = "ring"
     cpu_offload: bool = False
-    mixed_precision: bool = True  # bf16 compute with fp32 master weights, as plait trains on GPUs
+    # FSDP2 mixed precision (bf16 compute copies of fp32 sharded parameters): ZeRO-2/3 only, as
+    # in `[parallel]`. Off by default, like `parallel.mixed_precision`; unsharded bf16 layouts
+    # compute under autocast, which the estimates follow from `Workload.dtype`.
+    mixed_precision: bool = False
 
     @property
     def dp(self) -> int:
@@ -144,14 +163,25 @@ class Layout:
 class MemoryEstimate:
     """Bytes per GPU of the most loaded rank, by part. Parts (keys): "parameters", "gradients",
     "optimizer", "activations", "pipeline_inflight", "moe_buffers", "comm_buffers",
-    "fragmentation" (others may be added); `total` is their sum."""
+    "fragmentation" (others may be added); `total` is their sum.
+
+    `host` holds what a rank keeps in the node's host memory instead (CPU offload: its
+    "parameters", "gradients" and "optimizer" shards), not counted in `total`; `host_total` is
+    their sum (`estimate_memory` reports here the pipeline stage with the most host bytes, which
+    may be another stage than that of `parts`). Whether both fit, the host per node, is
+    `plait.planner.memory.memory_fits`."""
 
     parts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # assumptions worth printing
+    host: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
         return sum(self.parts.values())
+
+    @property
+    def host_total(self) -> int:
+        return sum(self.host.values())
 
 
 @dataclass
