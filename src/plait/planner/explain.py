@@ -143,7 +143,7 @@ def nothing_fits(closest: list[Candidate], workload: Workload, cluster: Cluster,
     if host_need > device_need:
         if for_train:
             what = "the workers' memory" if cluster.device_is_host else "the offloaded states"
-            fix = f"Run more workers ({gpus} or more, over more machines), machines with more memory"
+            fix = f"Spread the run over more machines (--nnodes; {gpus} workers or more in all), machines with more memory"
         elif cluster.device_is_host:
             what = f"{cluster.ranks_per_node} workers' memory"
             fix = (f"Spread the workers over more machines (--gpus {gpus} --gpus-per-node "
