@@ -140,10 +140,35 @@ def test_profile_without_host_memory_takes_the_default(tmp_path):
 
 
 def test_calibrated_profile_holds_this_machines_memory():
-    result = {"matmul": {"fp32": 2e10, "bf16": 1e10}, "torch": "x", "backend": "gloo", "device_name": "cpu"}
+    result = {"matmul": {"fp32": 2e10, "bf16": 1e10}, "torch": "x", "backend": "gloo", "device_name": "cpu",
+              "memory_bandwidth": 6e9, "overheads": {"tp_linear_s": 1e-3, "fsdp_call_s": 3e-4}}
     cluster, _ = _profile(result, 1)
     assert cluster.host_memory_bytes == host_memory_bytes()
     assert cluster.device.memory_bytes == host_memory_bytes()  # one worker: all of it
+    # The measured bandwidth and host times are the device's; a CPU does not overlap.
+    d = cluster.device
+    assert (d.memory_bandwidth, d.tp_linear_s, d.fsdp_call_s, d.overlaps_comm) == (6e9, 1e-3, 3e-4, False)
+
+
+def test_profiles_carry_the_device_timing_keys_and_older_ones_take_the_table(tmp_path):
+    path = tmp_path / "p.toml"
+    cpu = cluster_from_flags(2, 2, "cpu")
+    measured = dataclasses.replace(cpu, device=dataclasses.replace(cpu.device, memory_bandwidth=7.5e9,
+                                                                  tp_linear_s=1.25e-3, fsdp_call_s=2.5e-4))
+    write_profile(measured, path)
+    assert load_profile(path) == dataclasses.replace(measured, source="flags")
+    text = path.read_text()
+    for key in ("memory_bandwidth_bytes_per_s", "overlaps_comm", "tp_linear_s", "fsdp_call_s"):
+        text = "\n".join(line for line in text.splitlines() if not line.startswith(key + " ="))
+    path.write_text(text)
+    old = load_profile(path).device  # a profile written before these keys: the table's cpu entry
+    assert (old.memory_bandwidth, old.overlaps_comm, old.tp_linear_s) == (cpu.device.memory_bandwidth, False, 0.0)
+    h100 = tmp_path / "h.toml"
+    write_profile(cluster_from_flags(8, None, "h100"), h100)
+    assert load_profile(h100).device.overlaps_comm is True
+    h100.write_text(h100.read_text().replace("overlaps_comm = true", "overlaps_comm = 1"))
+    with pytest.raises(ConfigError, match="device.overlaps_comm = 1 must be true or false"):
+        load_profile(h100)
 
 
 def test_profile_without_a_source_takes_the_path(tmp_path):

@@ -16,6 +16,7 @@ The one module of the planner that imports torch (only inside these functions an
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
 import json
@@ -33,6 +34,8 @@ KB, MB = 2**10, 2**20
 DEFAULT_MESSAGE_BYTES = (4 * KB, 64 * KB, 1 * MB, 8 * MB, 32 * MB)
 CPU_MATMUL_SIZES = (256, 512, 1024)
 GPU_MATMUL_SIZES = (4096, 8192)
+CPU_ELEMENTWISE_BYTES = (1 * MB, 4 * MB, 16 * MB)
+GPU_ELEMENTWISE_BYTES = (64 * MB, 256 * MB)
 
 
 def calibrate(
@@ -76,7 +79,9 @@ def measure(
     sizes = tuple(matmul_sizes or (GPU_MATMUL_SIZES if on_gpu else CPU_MATMUL_SIZES))
     with tempfile.TemporaryDirectory() as tmp:
         result_path = Path(tmp) / "result.json"
-        settings = {"message_bytes": list(message_bytes), "matmul_sizes": list(sizes), "seconds": seconds_per_point}
+        settings = {"message_bytes": list(message_bytes), "matmul_sizes": list(sizes), "seconds": seconds_per_point,
+                    "elementwise_bytes": list(GPU_ELEMENTWISE_BYTES if on_gpu else CPU_ELEMENTWISE_BYTES),
+                    "overhead_seconds": max(0.1, 3 * seconds_per_point)}
         # mp.spawn raises with the worker's traceback if a worker fails.
         mp.spawn(_worker, args=(workers, str(Path(tmp) / "store"), str(result_path), settings), nprocs=workers, join=True)
         result = json.loads(result_path.read_text())
@@ -126,8 +131,21 @@ def _worker(rank: int, workers: int, store: str, result_path: str, settings: dic
         for dtype in dtypes:
             dist.barrier()  # every worker multiplies at the same time, sharing the machine as in training
             rates[dtype] = _matmul_rate(device, dtype, settings["matmul_sizes"], settings["seconds"])
-        slowest = torch.tensor([rates[d] for d in dtypes], dtype=torch.float64, device=device)
+        dist.barrier()
+        bandwidth = _elementwise_bandwidth(device, settings["elementwise_bytes"], settings["seconds"])
+        slowest = torch.tensor([rates[d] for d in dtypes] + [bandwidth], dtype=torch.float64, device=device)
         dist.all_reduce(slowest, op=dist.ReduceOp.MIN)
+        # The wrappers' host time (plait.planner.overhead) adds to the step only where the host
+        # does the compute too: measured on CPUs, every worker at once; the slowest sets the pace.
+        overheads = {"tp_linear_s": 0.0, "fsdp_call_s": 0.0}
+        if not on_gpu:
+            from plait.planner.overhead import measure_overheads
+
+            dist.barrier()
+            measured = measure_overheads(settings["overhead_seconds"])
+            most = torch.tensor([measured["tp_linear_s"], measured["fsdp_call_s"]], dtype=torch.float64)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            overheads = dict(zip(("tp_linear_s", "fsdp_call_s"), most.tolist()))
         samples = []
         for n in range(2, workers + 1):
             group = dist.new_group(list(range(n)))  # every rank takes part in creating every group
@@ -136,7 +154,8 @@ def _worker(rank: int, workers: int, store: str, result_path: str, settings: dic
             dist.barrier()
         if rank == 0:
             info: dict[str, Any] = {
-                "matmul": dict(zip(dtypes, slowest.tolist())), "samples": samples, "torch": torch.__version__,
+                "matmul": dict(zip(dtypes, slowest.tolist()[: len(dtypes)])), "memory_bandwidth": slowest.tolist()[-1],
+                "overheads": overheads, "samples": samples, "torch": torch.__version__,
                 "backend": dist.get_backend(), "device_name": torch.cuda.get_device_name(device) if on_gpu else "cpu",
                 "memory_bytes": torch.cuda.get_device_properties(device).total_memory if on_gpu else None,
             }
@@ -187,6 +206,34 @@ def _matmul_rate(device: Any, dtype: str, sizes: list[int], seconds: float) -> f
             _sync(device)
             best = max(best, 2 * size**3 * reps / (time.perf_counter() - start))
     return best
+
+
+def _elementwise_bandwidth(device: Any, sizes: list[int], seconds: float) -> float:
+    """Bytes/s of an eager out-of-place fp32 add (read two, write one, as plait's unfused residual
+    adds and norms do), the geometric mean over tensor sizes of the order of a layer's activations
+    (the rate depends on the size: caches below, page faults of fresh outputs above)."""
+    import torch
+
+    logs = []
+    for size in sizes:
+        numel = max(1, size // 4)
+        a = torch.randn(numel, device=device)
+        b = torch.randn(numel, device=device)
+        torch.add(a, b)  # warm-up
+        _sync(device)
+        best = math.inf
+        for _ in range(2):
+            reps, start = 0, time.perf_counter()
+            while True:
+                torch.add(a, b)
+                reps += 1
+                if reps % 8 == 0:
+                    _sync(device)
+                    if time.perf_counter() - start >= seconds:
+                        break
+            best = min(best, (time.perf_counter() - start) / reps)
+        logs.append(math.log(3 * numel * 4 / best))
+    return math.exp(sum(logs) / len(logs))
 
 
 def _collective_samples(group: Any, n: int, device: Any, message_bytes: list[int], seconds: float) -> list[dict]:
@@ -279,6 +326,14 @@ def _profile(result: dict, workers: int) -> tuple[Cluster, dict[str, Any]]:
             efficiency = min(1.0, matmul["bf16"] / table.peak_flops["bf16"])
             device = Device(key, dict(table.peak_flops), result["memory_bytes"], efficiency)
             calibration["method_matmul"] = "the table's peaks; efficiency = measured bf16 matmul (F.linear) rate / bf16 peak"
+    device = dataclasses.replace(device, memory_bandwidth=result["memory_bandwidth"], overlaps_comm=key != "cpu",
+                                 **result["overheads"])
+    calibration["memory_bandwidth_bytes_per_s"] = result["memory_bandwidth"]
+    calibration["method_memory_bandwidth"] = ("eager fp32 add (3 x 4 bytes per element), geometric mean over "
+                                              "sizes, the slowest worker")
+    if key == "cpu":
+        calibration["method_overheads"] = ("tp_linear_s, fsdp_call_s: forward + backward of small linears with and "
+                                           "without DTensor TP / FSDP2 on a one-rank group, the slowest worker")
     if workers >= 2:
         samples = result["samples"]
         intra = inter = fit_link(samples)

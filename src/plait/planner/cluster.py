@@ -8,6 +8,7 @@ device; the sources are cited beside each entry and in docs/planner_cluster.md. 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import os
@@ -97,53 +98,62 @@ def host_memory_bytes() -> int:
 # 0.7 on B200 and 0.65 on the MI250X (its GEMMs sustain a smaller share). Whole-model MFU is lower
 # (PAPERS.md: TorchTitan 33-39% on H100, Megatron-Core up to 47%) because it also pays for
 # attention, memory-bound kernels and exposed communication, which timing.py models separately.
+#
+# memory_bandwidth: what memory-bound (elementwise) kernels sustain, taken as HBM_SUSTAINED of the
+# datasheet's memory bandwidth (A100 40GB 1,555 GB/s, 80GB 2,039; H100 SXM 3.35 TB/s; H200 4.8;
+# B200 8; MI250X 3.2768 per module, half per GCD; L40S 864 GB/s): streaming kernels reach about
+# 80-90% of the HBM peak, and plait's eager norms and activations are not fused. The "cpu" entry's
+# 5 GB/s is a placeholder of the right order for one core; --calibrate measures it. The "cpu"
+# device does not overlap communication with compute (gloo runs on the same cores).
+HBM_SUSTAINED = 0.8
 _TABLE: dict[str, _Entry] = {
     # NVIDIA A100 Tensor Core GPU datasheet (SXM4): BF16 312 TFLOPS dense (624 sparse), TF32 156,
     # FP32 19.5, no FP8; 40 GB HBM2 or 80 GB HBM2e. DGX A100: 8 GPUs, NVLink 3, 8x HDR IB.
     "a100-40": _Entry(
-        Device("a100-40", {"bf16": 312e12, "fp32": 19.5e12, "tf32": 156e12}, 40960 * MIB, 0.8),
+        Device("a100-40", {"bf16": 312e12, "fp32": 19.5e12, "tf32": 156e12}, 40960 * MIB, 0.8, memory_bandwidth=HBM_SUSTAINED * 1.555e+12),
         8, _NVLINK3, _IB_HDR, 1 * TIB,
     ),
     "a100-80": _Entry(
-        Device("a100-80", {"bf16": 312e12, "fp32": 19.5e12, "tf32": 156e12}, 81920 * MIB, 0.8),
+        Device("a100-80", {"bf16": 312e12, "fp32": 19.5e12, "tf32": 156e12}, 81920 * MIB, 0.8, memory_bandwidth=HBM_SUSTAINED * 2.039e+12),
         8, _NVLINK3, _IB_HDR, 2 * TIB,
     ),
     # NVIDIA H100 Tensor Core GPU datasheet (SXM5): BF16 989 TFLOPS dense (1,979 sparse), FP8
     # 1,979 dense, TF32 494.7, FP32 67; 80 GB HBM3. DGX H100: 8 GPUs, NVLink 4, 8x NDR IB.
     "h100": _Entry(
-        Device("h100", {"bf16": 989e12, "fp8": 1979e12, "fp32": 67e12, "tf32": 494.7e12}, 81559 * MIB, 0.7),
+        Device("h100", {"bf16": 989e12, "fp8": 1979e12, "fp32": 67e12, "tf32": 494.7e12}, 81559 * MIB, 0.7, memory_bandwidth=HBM_SUSTAINED * 3.35e+12),
         8, _NVLINK4, _IB_NDR, 2 * TIB,
     ),
     # NVIDIA H200 Tensor Core GPU datasheet (SXM): the H100's compute with 141 GB HBM3e.
     "h200": _Entry(
-        Device("h200", {"bf16": 989e12, "fp8": 1979e12, "fp32": 67e12, "tf32": 494.7e12}, 143771 * MIB, 0.7),
+        Device("h200", {"bf16": 989e12, "fp8": 1979e12, "fp32": 67e12, "tf32": 494.7e12}, 143771 * MIB, 0.7, memory_bandwidth=HBM_SUSTAINED * 4.8e+12),
         8, _NVLINK4, _IB_NDR, 2 * TIB,
     ),
     # NVIDIA HGX B200 / DGX B200 datasheets, per GPU: BF16 2.25 PFLOPS dense (4.5 sparse), FP8
     # 4.5 dense, TF32 1.1 dense, FP32 75 (600 for 8 GPUs); 180 GB HBM3e usable. DGX B200: 8 GPUs,
     # NVLink 5, 8x 400 Gb/s ConnectX-7.
     "b200": _Entry(
-        Device("b200", {"bf16": 2250e12, "fp8": 4500e12, "fp32": 75e12, "tf32": 1100e12}, 183359 * MIB, 0.7),
+        Device("b200", {"bf16": 2250e12, "fp8": 4500e12, "fp32": 75e12, "tf32": 1100e12}, 183359 * MIB, 0.7, memory_bandwidth=HBM_SUSTAINED * 8e+12),
         8, _NVLINK5, _IB_NDR, 2 * TIB,
     ),
     # AMD Instinct MI250X datasheet: BF16 383 TFLOPS, FP32 matrix 95.7, no FP8, 128 GB HBM2e, per
     # module of two GCDs. PyTorch shows each GCD as one device, and one rank drives one GCD, so
     # the entry is one GCD: half of each (191.5 TFLOPS bf16, 64 GB). Frontier: 8 GCDs per node.
     "mi250x": _Entry(
-        Device("mi250x", {"bf16": 191.5e12, "fp32": 47.85e12}, 65536 * MIB, 0.65),
+        Device("mi250x", {"bf16": 191.5e12, "fp32": 47.85e12}, 65536 * MIB, 0.65, memory_bandwidth=HBM_SUSTAINED * 1.6384e+12),
         8, _XGMI, _SLINGSHOT, 512 * 2**30,
     ),
     # NVIDIA L40S datasheet: BF16 362 TFLOPS dense (733 sparse), FP8 733 dense, TF32 183, FP32
     # 91.6; 48 GB GDDR6; PCIe only.
     "l40s": _Entry(
-        Device("l40s", {"bf16": 362e12, "fp8": 733e12, "fp32": 91.6e12, "tf32": 183e12}, 46068 * MIB, 0.7),
+        Device("l40s", {"bf16": 362e12, "fp8": 733e12, "fp32": 91.6e12, "tf32": 183e12}, 46068 * MIB, 0.7, memory_bandwidth=HBM_SUSTAINED * 8.64e+11),
         8, _PCIE4, _ETH100, 1 * TIB,
     ),
     # A CPU process as a "GPU": a placeholder rate of the right order for one worker (a few AVX2
     # cores), the machine's memory (as device and as host memory: the same bytes).
     # `plait plan --calibrate` measures the real rate and links.
     "cpu": _Entry(
-        Device("cpu", {"bf16": 100e9, "fp32": 100e9}, host_memory_bytes(), 1.0),
+        Device("cpu", {"bf16": 100e9, "fp32": 100e9}, host_memory_bytes(), 1.0, memory_bandwidth=5e9,
+               overlaps_comm=False),
         1, _CPU_LOOPBACK, _ETH10, host_memory_bytes(),
     ),
 }
@@ -220,7 +230,7 @@ def cluster_from_flags(gpus: int, gpus_per_node: int | None, gpu: str) -> Cluste
         )
     device = entry.device
     if gpu == "cpu":
-        device = Device(device.name, dict(device.peak_flops), device.memory_bytes // per_node, device.matmul_efficiency)
+        device = dataclasses.replace(device, peak_flops=dict(device.peak_flops), memory_bytes=device.memory_bytes // per_node)
     return Cluster(device=device, gpus=gpus, gpus_per_node=per_node, intra=entry.intra, inter=entry.inter,
                    host_memory_bytes=entry.host_memory_bytes, source="flags")
 
@@ -243,6 +253,10 @@ def describe(cluster: Cluster) -> list[str]:
     return [
         f"cluster: {cluster.gpus} x {d.name} ({cluster.nodes} node(s) of {cluster.gpus_per_node}), from {cluster.source}",
         f"device: peak TFLOP/s {rates}; sustained {d.matmul_efficiency:.2f} of peak; memory {d.memory_bytes / 2**30:.1f} GiB",
+        f"memory-bound kernels: {d.memory_bandwidth / GB:.4g} GB/s; communication "
+        + ("overlaps compute" if d.overlaps_comm else "does not overlap compute (it runs on the same cores)")
+        + (f"; host time per TP linear {d.tp_linear_s * 1e6:.3g} us, per FSDP call {d.fsdp_call_s * 1e6:.3g} us"
+           if d.tp_linear_s or d.fsdp_call_s else ""),
         f"host memory: {cluster.host_memory_bytes / 2**30:.1f} GiB per node"
         + (" (the workers' own memory: the device is the host)" if cluster.device_is_host else ""),
         f"intra-node link: {cluster.intra.bandwidth / GB:.4g} GB/s per GPU, {cluster.intra.latency * 1e6:.3g} us per message",
@@ -252,7 +266,9 @@ def describe(cluster: Cluster) -> list[str]:
 
 # ---- TOML profiles ---------------------------------------------------------------------------
 #
-# [device]          name, memory_bytes, matmul_efficiency
+# [device]          name, memory_bytes, matmul_efficiency; optional (default: the table's entry
+#                   for the name, else the Device defaults): memory_bandwidth_bytes_per_s,
+#                   overlaps_comm, tp_linear_s, fsdp_call_s
 # [device.peak_flops] bf16, fp8, fp32, tf32 (FLOP/s; leave a dtype out where the device has none)
 # [cluster]         gpus, gpus_per_node, host_memory_bytes (per node; optional, default below),
 #                   source (optional)
@@ -264,7 +280,8 @@ def describe(cluster: Cluster) -> list[str]:
 # same numbers bit for bit; the writer adds the human units as comments.
 
 _SECTIONS = {
-    "device": {"name", "memory_bytes", "matmul_efficiency", "peak_flops"},
+    "device": {"name", "memory_bytes", "matmul_efficiency", "peak_flops", "memory_bandwidth_bytes_per_s",
+               "overlaps_comm", "tp_linear_s", "fsdp_call_s"},
     "cluster": {"gpus", "gpus_per_node", "host_memory_bytes", "source"},
     "links": {"intra", "inter"},
     "calibration": None,  # free-form
@@ -283,6 +300,10 @@ def write_profile(cluster: Cluster, path: str | Path, calibration: dict[str, Any
         f"name = {_toml_str(d.name)}",
         f"memory_bytes = {int(d.memory_bytes)}  # {d.memory_bytes / 2**30:.2f} GiB",
         f"matmul_efficiency = {_toml_float(d.matmul_efficiency)}",
+        f"memory_bandwidth_bytes_per_s = {_toml_float(d.memory_bandwidth)}  # {d.memory_bandwidth / GB:.4g} GB/s",
+        f"overlaps_comm = {'true' if d.overlaps_comm else 'false'}",
+        f"tp_linear_s = {_toml_float(d.tp_linear_s)}  # {d.tp_linear_s * 1e6:.4g} us",
+        f"fsdp_call_s = {_toml_float(d.fsdp_call_s)}  # {d.fsdp_call_s * 1e6:.4g} us",
         "",
         "[device.peak_flops]",
         *(f"{k} = {_toml_float(v)}  # {v / 1e12:.4g} TFLOP/s" for k, v in d.peak_flops.items()),
@@ -394,7 +415,23 @@ def load_profile(path: str | Path) -> Cluster:
             raise ConfigError(f"{where}: links.{name_}.latency_s = {latency} must be >= 0 (seconds per message, e.g. 3e-6)")
         parsed[name_] = Link(bandwidth=bandwidth, latency=latency)
 
-    device = Device(name=name, peak_flops=peak_flops, memory_bytes=memory, matmul_efficiency=efficiency)
+    known = DEVICES.get(name, Device(name, {}, 1))
+    bandwidth = _number(dev.get("memory_bandwidth_bytes_per_s", known.memory_bandwidth),
+                        "device.memory_bandwidth_bytes_per_s", where)
+    if not bandwidth > 0:
+        raise ConfigError(f"{where}: device.memory_bandwidth_bytes_per_s = {bandwidth} must be positive "
+                          f"(bytes/s that elementwise kernels sustain, e.g. 2.68e12 for an H100)")
+    overlaps = dev.get("overlaps_comm", known.overlaps_comm)
+    if not isinstance(overlaps, bool):
+        raise ConfigError(f"{where}: device.overlaps_comm = {overlaps!r} must be true or false")
+    host_times = {}
+    for key in ("tp_linear_s", "fsdp_call_s"):
+        value = _number(dev.get(key, getattr(known, key)), f"device.{key}", where)
+        if not value >= 0:
+            raise ConfigError(f"{where}: device.{key} = {value} must be >= 0 seconds (0: not modelled)")
+        host_times[key] = value
+    device = Device(name=name, peak_flops=peak_flops, memory_bytes=memory, matmul_efficiency=efficiency,
+                    memory_bandwidth=bandwidth, overlaps_comm=overlaps, **host_times)
     return Cluster(device=device, gpus=gpus, gpus_per_node=per_node, intra=parsed["intra"], inter=parsed["inter"],
                    host_memory_bytes=host, source=source)
 

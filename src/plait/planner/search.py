@@ -235,7 +235,8 @@ def check_workload(workload: Workload, cluster: Cluster) -> None:
 
 
 def plan(workload: Workload, cluster: Cluster, pins: dict[str, Any] | None = None, top: int = 10) -> list[Candidate]:
-    """The best `top` layouts that fit, by predicted tokens/s per GPU (ties: less memory first).
+    """The best `top` layouts that fit, by predicted tokens/s per GPU (`_ranked`: ties go to the
+    larger micro-batch, then to less memory).
     When none fits, the `top` that come closest (the least need over what the device or the
     node's host memory has: `memory_ratios`), with `fits` False. When no layout matches the pins,
     the reason the layout they describe is refused (PlanError), else an empty list."""
@@ -270,5 +271,10 @@ def plan(workload: Workload, cluster: Cluster, pins: dict[str, Any] | None = Non
 
 
 def _ranked(cands: list[Candidate]) -> list[Candidate]:
-    return sorted(cands, key=lambda c: (-c.tokens_per_s_per_gpu, c.memory.total, c.layout.short()))
+    """By predicted tokens/s per GPU (to 4 significant digits, so that float noise breaks no tie);
+    at equal speed the larger micro-batch first, then less memory. The time model prices no cost
+    per micro-batch where the host runs ahead of the device, yet on a real machine larger
+    micro-batches run matmuls closer to peak and launch fewer kernels: a tie goes to them."""
+    return sorted(cands, key=lambda c: (-float(f"{c.tokens_per_s_per_gpu:.4g}"), -c.layout.micro_batch_size,
+                                        c.memory.total, c.layout.short()))
 

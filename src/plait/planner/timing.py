@@ -65,6 +65,27 @@ def local_params(workload: Workload, layout: Layout) -> float:
     return (total - experts) / (layout.tp * layout.pp) + experts / (layout.ep * layout.pp)
 
 
+def elementwise_elements(workload: Workload, layout: Layout) -> float:
+    """Elements that memory-bound kernels read and write per step on one rank, forward and
+    backward (and the recomputed forward). Per token and layer, forward: two RMSNorms (read and
+    write h each) and two residual adds (read 2h, write h each), 10h, which tensor parallelism
+    leaves whole on every rank unless sequence parallelism splits them; rotary embedding of q and
+    k (read and write (H + K) E) and the MLP's activation (SwiGLU: silu of the gate and the
+    product with up, 5f; GELU 2f; MoE: top-k experts' worth), split by tp. Backward moves about
+    twice the forward's traffic (the incoming gradient, the saved input, the outgoing gradient)."""
+    a = workload.model
+    replicated = 10 * a.hidden
+    if a.moe_experts:
+        mlp = 5 * a.moe_ffn * a.moe_top_k
+    else:
+        mlp = 5 * a.ffn if a.mlp == "swiglu" else 2 * a.ffn
+    split = 2 * (a.heads + a.kv_heads) * a.head_dim + mlp
+    per_token_layer = replicated / (layout.tp if layout.sequence_parallel else 1) + split / layout.tp
+    passes = 4 if layout.activation_checkpointing else 3
+    tokens = workload.global_batch_tokens / (layout.dp * layout.cp)  # a rank's tokens (tp ranks share them)
+    return tokens * (a.layers / layout.pp) * per_token_layer * passes
+
+
 def estimate_time(workload: Workload, layout: Layout, cluster: Cluster) -> TimeEstimate:
     args, device = workload.model, cluster.device
     est = TimeEstimate()
@@ -77,6 +98,12 @@ def estimate_time(workload: Workload, layout: Layout, cluster: Cluster) -> TimeE
     tokens = workload.global_batch_tokens
     ac = layout.activation_checkpointing
 
+    def exposed(full: float, window: float, floor: float) -> float:
+        """What of a collective taking `full` seconds is left after hiding it behind `window`
+        seconds of compute, never less than `floor` (the part that cannot start earlier).
+        Where the device does not overlap (a CPU), all of it."""
+        return max(full - window, floor) if device.overlaps_comm else full
+
     # Compute: the step's FLOPs split evenly over the world (tp, cp and pp split a forward's work,
     # dp the batch); recompute is the extra forward of full activation checkpointing.
     base = flops_per_token(args, workload.seq_len) * tokens / world
@@ -85,6 +112,8 @@ def estimate_time(workload: Workload, layout: Layout, cluster: Cluster) -> TimeE
         parts["recompute"] = (flops_per_token(args, workload.seq_len, recompute=True) * tokens / world - base) / rate
     else:
         parts["recompute"] = 0.0
+    # Memory-bound kernels, at the device's sustained bandwidth (not overlapped with matmuls).
+    parts["memory_bound"] = elementwise_elements(workload, layout) * act_bytes / device.memory_bandwidth
     backward_per_micro = parts["compute"] * 2 / 3 / m  # backward is 4 of the 6 FLOPs per parameter
     layers = args.layers / layout.pp  # on one pipeline rank
     b, t, h = layout.micro_batch_size, workload.seq_len // layout.cp, args.hidden
@@ -124,7 +153,7 @@ def estimate_time(workload: Workload, layout: Layout, cluster: Cluster) -> TimeE
             # gradient bucket inside the optimizer step, after backward (apply.py): all exposed.
             exposed_data = full
         else:
-            exposed_data = max(full - backward_per_micro, full / max(layers, 1))
+            exposed_data = exposed(full, backward_per_micro, full / max(layers, 1))
         parts["dp_allreduce"] = exposed_data
     elif n_data > 1 and z == 1:
         # (2b) ZeRO-1 (zero1.py): reduce-scatter + all-gather of the flat bucket after the last
@@ -146,8 +175,8 @@ def estimate_time(workload: Workload, layout: Layout, cluster: Cluster) -> TimeE
         ag = m * gathers * ring_time("all_gather", dense_psi * param_bytes, shard_n, shard_link)
         coll["fsdp_reduce_scatter"] = rs
         coll["fsdp_all_gather"] = ag
-        parts["fsdp_reduce_scatter"] = max(rs - backward_total, rs / max(m * layers, 1))
-        parts["fsdp_all_gather"] = max(ag - (parts["compute"] + parts["recompute"]), ag / max(m * gathers * layers, 1))
+        parts["fsdp_reduce_scatter"] = exposed(rs, backward_total, rs / max(m * layers, 1))
+        parts["fsdp_all_gather"] = exposed(ag, parts["compute"] + parts["recompute"], ag / max(m * gathers * layers, 1))
 
     # (3) Offload (ZeRO-3 cpu_offload): per micro-batch the shard's parameters go host->device for
     # forward and backward and its gradients device->host; the AdamW step runs on the CPU. Exposed.
@@ -170,7 +199,7 @@ def estimate_time(workload: Workload, layout: Layout, cluster: Cluster) -> TimeE
                                   + layout.cp * ring_time("p2p", kv * 4, 2, link))
             attention = 12 * args.layers * h * workload.seq_len * (passes / 2) * tokens / world / rate
             coll["cp_ring_p2p"] = sends
-            parts["cp_ring_p2p"] = max(0.0, sends - attention)
+            parts["cp_ring_p2p"] = exposed(sends, attention, 0.0)
         else:
             size = b * t * args.head_dim * (2 * args.heads + 2 * args.kv_heads) * act_bytes
             full = layers * m * passes * ring_time("all_to_all", size, layout.cp, link)
@@ -187,11 +216,24 @@ def estimate_time(workload: Workload, layout: Layout, cluster: Cluster) -> TimeE
         coll["ep_all_to_all"] = full
         parts["ep_all_to_all"] = full
 
+    # (6) Host time of the wrappers, where it adds to the step (device.tp_linear_s and
+    # fsdp_call_s, measured by --calibrate; 0 in the GPU table). Tensor parallelism: every linear
+    # of a block (attention 4, SwiGLU 3, GELU 2) plus the vocabulary-parallel embedding and head,
+    # per micro-batch; the recomputed forward adds half again. FSDP2: per micro-batch, each unit
+    # (the blocks and the root) issues its all-gathers (ZeRO-3: forward and backward) and one
+    # reduce-scatter.
+    if layout.tp > 1 and device.tp_linear_s:
+        per_block = 4 + (0 if args.moe_experts else (3 if args.mlp == "swiglu" else 2))
+        linears = layers * per_block + 2 / layout.pp
+        parts["tp_host"] = m * linears * device.tp_linear_s * (1.5 if ac else 1.0)
+    if z >= 2 and n_data > 1 and device.fsdp_call_s:
+        parts["fsdp_host"] = m * (layers + 1) * ((2 if z == 3 else 1) + 1) * device.fsdp_call_s
+
     for name in ("tp_allreduce", "tp_reduce_scatter_all_gather"):
         if name in coll:
             parts[name] = coll[name]
 
-    # (6) Pipeline: one send forward and one backward per micro-batch and model chunk at each stage
+    # (7) Pipeline: one send forward and one backward per micro-batch and model chunk at each stage
     # boundary (on the critical path), and the bubble as a fraction of a rank's busy time.
     if layout.pp > 1:
         link = link_for(layout, cluster, "pp")
@@ -200,7 +242,8 @@ def estimate_time(workload: Workload, layout: Layout, cluster: Cluster) -> TimeE
         p2p = 2 * m * v * ring_time("p2p", size, 2, link)
         coll["pp_p2p"] = p2p
         parts["pp_p2p"] = p2p
-        busy = sum(parts[k] for k in parts if k in ("compute", "recompute") or k.startswith(("tp_", "cp_", "ep_")))
+        busy = sum(parts[k] for k in parts if k in ("compute", "recompute", "memory_bound")
+                   or k.startswith(("tp_", "cp_", "ep_")))
         fraction = (layout.pp - 1) / (v * m)
         if layout.pp_schedule == "zero-bubble":
             fraction *= ZERO_BUBBLE_FRACTION

@@ -37,6 +37,18 @@ class Device:
     # Fraction of the peak that large matmuls sustain in practice (measured by --calibrate, or
     # the table's default); the time model divides FLOPs by peak x this.
     matmul_efficiency: float = 0.7
+    # Sustained bytes/s of memory-bound (elementwise) kernels: norms, residual adds, activation
+    # functions, rotary embedding. The time model adds their traffic at this rate.
+    memory_bandwidth: float = 1e12
+    # Whether collectives run beside compute (GPUs: NCCL on its own stream and SMs). On a CPU the
+    # collective runs on the same cores as the matmuls, so nothing is hidden.
+    overlaps_comm: bool = True
+    # Host seconds plait's parallel wrappers add per call where the host's time adds to the step
+    # (a CPU; measured by --calibrate, plait.planner.overhead): per tensor-parallel linear per
+    # micro-batch (forward + backward), and per FSDP2 collective call. 0: not modelled (on a GPU
+    # the host runs ahead of the device's queue).
+    tp_linear_s: float = 0.0
+    fsdp_call_s: float = 0.0
 
 
 @dataclass(frozen=True)
