@@ -41,7 +41,6 @@ LAYOUTS = {
     "ddp2": (2, ["--parallel.dp_replicate_degree=2"]),
     "ddp2-activation-checkpointing": (2, ["--parallel.dp_replicate_degree=2", "--train.activation_checkpointing=true"]),
     "ddp2-accumulate4": (2, ["--parallel.dp_replicate_degree=2", "--train.micro_batch_size=4"]),
-    "zero1-x2": (2, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=1"]),
     "zero1-x2-accumulate4": (2, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=1", "--train.micro_batch_size=4"]),
     "zero2-x2": (2, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=2"]),
     # zero3-x4, pp2-tp2 and zero1-x2-tp2: in test_reshard.py, where their checkpoints are resumed
@@ -51,13 +50,11 @@ LAYOUTS = {
     "hsdp-2x2": (4, ["--parallel.dp_replicate_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=3"]),
     "tp2": (2, ["--parallel.tp_degree=2"]),
     "tp2-sp": (2, ["--parallel.tp_degree=2", "--parallel.sequence_parallel=true"]),
-    # No zero_stage: the default (-1, auto) is FSDP over a shard axis.
-    "fsdp2-tp2": (4, ["--parallel.dp_shard_degree=2", "--parallel.tp_degree=2"]),
     "ddp2-tp2": (4, ["--parallel.dp_replicate_degree=2", "--parallel.tp_degree=2"]),
-    "fsdp2-tp2-activation-checkpointing": (4, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=3",
-                                               "--parallel.tp_degree=2", "--train.activation_checkpointing=true"]),
+    # No zero_stage: the default (-1, auto) is FSDP over a shard axis.
+    "fsdp2-tp2-activation-checkpointing": (4, ["--parallel.dp_shard_degree=2", "--parallel.tp_degree=2",
+                                               "--train.activation_checkpointing=true"]),
     "zero3-x2-compile": (2, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=3", "--train.compile=true"]),
-    "cp2-ring": (2, ["--parallel.cp_degree=2", "--parallel.cp_method=ring"]),
     "cp2-ulysses": (2, ["--parallel.cp_degree=2", "--parallel.cp_method=ulysses"]),
     "cp2-ring-activation-checkpointing": (2, ["--parallel.cp_degree=2", "--train.activation_checkpointing=true"]),
     "cp2-ring-compile": (2, ["--parallel.cp_degree=2", "--train.compile=true"]),

@@ -17,7 +17,8 @@ def test_auto_plans_at_start_up_and_trains_the_choice(tmp_path):
     profile = tmp_path / "local.toml"
     device = Device(name="cpu", peak_flops={"fp32": 1e11, "bf16": 2e10}, memory_bytes=4 * 2**30, matmul_efficiency=1.0)
     link = Link(bandwidth=2e9, latency=3e-5)
-    write_profile(Cluster(device=device, gpus=2, gpus_per_node=2, intra=link, inter=link, source="test"), profile)
+    write_profile(Cluster(device=device, gpus=2, gpus_per_node=2, intra=link, inter=link, host_memory_bytes=8 * 2**30,
+                          source="test"), profile)
     run_dir = tmp_path / "run"
     out = plait_cli("train", "--nproc-per-node", "2", *BASE, f"--run.dir={run_dir}", "--train.steps=3",
                     "--run.progress=plain", "--parallel.auto=true", f"--parallel.cluster_profile={profile}")

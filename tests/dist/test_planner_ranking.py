@@ -32,7 +32,7 @@ LAYOUTS = [
 
 def test_predicted_step_time_ranking_agrees_with_measured(tmp_path):
     cluster = calibrate(2, tmp_path / "local.toml", message_bytes=(2**16, 2**20, 2**22), matmul_sizes=(256,),
-                        seconds_per_point=0.05)
+                        seconds_per_point=0.02)
     cfg = Config()
     set_value(cfg, "model.name", "tiny")
     workload = workload_from_config(cfg, 128, 8, "fp32")
