@@ -39,6 +39,10 @@ def _planned(cfg: Config) -> Config:
 
     world = launched_world_size()
     validate(cfg, world)  # every other key first, so that a bad one is named as such
+    if world == 1:  # before the plan writes into run.dir (under torchrun, a restart must resume)
+        from plait.checkpoint import refuse_checkpoints_without_resume
+
+        refuse_checkpoints_without_resume(cfg.run_dir, cfg.checkpoint.resume)
     planned = plan_for_job(cfg, world, launched_local_world_size(), shared=world > 1)
     if launched_rank() == 0:
         planned.write(echo=cfg.run.progress != "none")

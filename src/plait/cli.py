@@ -222,14 +222,9 @@ def _restartable(cfg: Config, overrides: list[str]) -> list[str]:
     --max-restarts) resumes from the checkpoints the job itself wrote instead of refusing them."""
     if cfg.checkpoint.resume:
         return overrides
-    from plait.checkpoint import latest_checkpoint
+    from plait.checkpoint import refuse_checkpoints_without_resume
 
-    found = latest_checkpoint(cfg.run_dir)
-    if found is not None:
-        raise ConfigError(
-            f"run.dir = {str(cfg.run_dir)!r} already holds checkpoints ({found.name}) and "
-            f"checkpoint.resume = false; pick a new --run.dir, or drop --checkpoint.resume=false to resume"
-        )
+    refuse_checkpoints_without_resume(cfg.run_dir, resume=False)
     return [*overrides, "--checkpoint.resume=true"]
 
 

@@ -225,6 +225,22 @@ def test_api_train_plans_for_one_process_and_records_the_choice(tmp_path, monkey
     assert saved.train.micro_batch_size == 16
 
 
+def test_a_run_dir_with_checkpoints_is_refused_before_the_plan_writes_into_it(tmp_path, monkeypatch):
+    for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    run_dir = tmp_path / "run"
+    step = run_dir / "checkpoints" / "step_5"
+    step.mkdir(parents=True)
+    (step / "manifest.json").write_text("{}")
+    (run_dir / "checkpoints" / "latest").write_text("step_5")
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    monkeypatch.setattr("plait.planner.calibrate.calibrate", lambda *a, **k: pytest.fail("measured before the refusal"))
+    cfg = build_config(None, [*BASE, f"--run.dir={run_dir}", "--checkpoint.resume=false"])
+    with pytest.raises(ConfigError, match=r"already holds checkpoints \(step_5\) and checkpoint.resume = false"):
+        plait.train(cfg)
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before  # no plan.txt, no cluster.toml
+
+
 def test_plait_plan_writes_a_config_that_asked_for_auto_as_its_plan(tmp_path, capsys):
     """`plait plan --config` of a parallel.auto config writes the plan with auto off: the file
     trains as written (with auto on, the plan's mixed precision and degrees would be pins)."""

@@ -50,6 +50,21 @@ def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {canonical_name(name): p for name, p in model.named_parameters()}
 
 
+def refuse_checkpoints_without_resume(run_dir: Path, resume: bool) -> None:
+    """`checkpoint.resume = false` guards a new run: raise ConfigError when `run_dir` already holds
+    checkpoints, before anything is written into it (a plan, a measured cluster profile)."""
+    if resume:
+        return
+    found = latest_checkpoint(run_dir)
+    if found is not None:
+        from plait.config import ConfigError
+
+        raise ConfigError(
+            f"run.dir = {str(run_dir)!r} already holds checkpoints ({found.name}) and "
+            f"checkpoint.resume = false; pick a new --run.dir, or drop --checkpoint.resume=false to resume"
+        )
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The directory `latest` names, or the newest complete one if the pointer is missing.
     (Cheap: it does not verify checksums; training resumes via `sharded.find_intact`, which does.)"""

@@ -271,12 +271,20 @@ def plan(workload: Workload, cluster: Cluster, pins: dict[str, Any] | None = Non
 
 
 def _ranked(cands: list[Candidate], larger_micro_batch_first: bool = True) -> list[Candidate]:
-    """By predicted tokens/s per GPU (to 4 significant digits, so that float noise breaks no tie),
-    then at equal speed by micro-batch, then less memory. The time model prices no cost per
-    micro-batch where the host runs ahead of the device, yet a GPU runs larger matmuls closer to
-    peak and launches fewer kernels: there a tie goes to the larger micro-batch. On a CPU the
-    smaller working set stays in cache (bench/RESULTS.md, "planner ranking vs measured": DDP on
-    2 workers took 1.62 s per step at micro-batch 2 and 1.96 s at 16): there to the smaller."""
+    """By predicted tokens/s per GPU (to 4 significant digits, so that float noise breaks no tie).
+    At equal speed: by the tokens a rank's matmuls take per micro-batch (micro-batch x sequence /
+    cp), then the fewest parallel dimensions besides data parallelism (tp, pp, cp, ep, offload:
+    the simpler layout), then less memory. The time model prices no cost per micro-batch where
+    the host runs ahead of the device, yet a GPU runs larger matmuls closer to peak and launches
+    fewer kernels: there a tie goes to more tokens per micro-batch. On a CPU the smaller working
+    set stays in cache (bench/RESULTS.md, "planner ranking vs measured": DDP on 2 workers took
+    1.62 s per step at micro-batch 2 and 1.96 s at 16): there to fewer."""
     sign = -1 if larger_micro_batch_first else 1
-    return sorted(cands, key=lambda c: (-float(f"{c.tokens_per_s_per_gpu:.4g}"), sign * c.layout.micro_batch_size,
-                                        c.memory.total, c.layout.short()))
+
+    def key(c: Candidate) -> tuple:
+        lay = c.layout
+        dims = sum(d > 1 for d in (lay.tp, lay.pp, lay.cp, lay.ep)) + int(lay.cpu_offload)
+        return (-float(f"{c.tokens_per_s_per_gpu:.4g}"), sign * lay.micro_batch_size / lay.cp, dims,
+                c.memory.total, lay.short())
+
+    return sorted(cands, key=key)
