@@ -290,3 +290,23 @@ def test_pins_no_layout_matches_name_the_rule(capsys):
         plan(workload, _cluster(32), {"zero": 1, "pp": 2})
     assert main(CLI + ["--layout", "tp=2,cp=2"]) == 2
     assert "cp = 2 with tp = 2" in capsys.readouterr().err
+
+
+def test_planning_does_not_import_torch():
+    """The planner answers for 16,384 GPUs on a laptop without torch: a plan that needs the
+    pipeline split (pipeline_plan.py) and the model's shapes leaves torch unimported."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from plait.config import Config, set_value\n"
+            "from plait.planner import workload_from_config\n"
+            "from plait.planner.cluster import cluster_from_flags\n"
+            "from plait.planner.search import plan\n"
+            "cfg = Config(); set_value(cfg, 'model.name', '8b')\n"
+            "best = plan(workload_from_config(cfg, 4096, 64), cluster_from_flags(64, None, 'h100'), {'pp': 2}, top=1)\n"
+            "assert best and best[0].layout.pp == 2, best\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
