@@ -375,6 +375,13 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def override_args(values: dict[str, Any]) -> list[str]:
+    """The inverse of `parse_overrides`: `{"train.steps": 100}` -> ["--train.steps=100"]
+    (booleans as true/false, as the config reads them)."""
+    return [f"--{key}={('true' if value else 'false') if isinstance(value, bool) else value}"
+            for key, value in values.items()]
+
+
 def build_config(
     config_file: str | None = None, overrides: list[str] | None = None, world_size: int | None = None
 ) -> Config:

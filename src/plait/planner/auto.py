@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from plait.config import Config, ConfigError, ParallelSection, TrainSection, set_value, validate
+from plait.config import Config, ConfigError, ParallelSection, TrainSection, override_args, set_value, validate
 from plait.planner import workload_from_config
 from plait.planner import explain
 from plait.planner.cluster import load_profile
@@ -248,12 +248,7 @@ def worker_overrides(planned: AutoPlan) -> list[str]:
     cfg = planned.config
     keys = [f"parallel.{k}" for k in planned.chosen.layout.parallel_section()]
     keys += [f"train.{k}" for k in TRAIN_PINS] + ["parallel.cluster_profile", "parallel.auto"]
-    out = []
-    for key in keys:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        out.append(f"--{key}={('true' if value else 'false') if isinstance(value, bool) else value}")
-    return out
+    return override_args({key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in keys})
 
 
 def _profile(cfg: Config, local: int, shared: bool, gpu: bool) -> tuple[Path, Cluster, bool]:

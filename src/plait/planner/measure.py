@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from plait.config import override_args
 from plait.planner.types import Layout, Workload
 
 # Keys that keep a short measuring run quiet and free of anything but training steps.
@@ -28,14 +29,10 @@ QUIET = ["--train.log_every=1", "--train.eval_every=0", "--train.sample_tokens=0
 
 def layout_overrides(layout: Layout, workload: Workload) -> list[str]:
     """`plait train` overrides that run `layout` on `workload` (sequence length and batch too)."""
-    out = [f"--parallel.{key}={_text(value)}" for key, value in layout.parallel_section().items()]
-    out += [f"--train.{key}={_text(value)}" for key, value in layout.train_section().items()]
-    out += [f"--train.seq_len={workload.seq_len}", f"--train.global_batch_tokens={workload.global_batch_tokens}"]
-    return out
-
-
-def _text(value: Any) -> str:
-    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+    values: dict[str, Any] = {f"parallel.{key}": value for key, value in layout.parallel_section().items()}
+    values.update({f"train.{key}": value for key, value in layout.train_section().items()})
+    values.update({"train.seq_len": workload.seq_len, "train.global_batch_tokens": workload.global_batch_tokens})
+    return override_args(values)
 
 
 def measure_step_time(layout: Layout, workload: Workload, run_dir: Path, base: list[str], *,
