@@ -63,9 +63,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from plait.hardware.profile import cluster_from_flags
 from plait.model.flops import count_params, flops_per_token
 from plait.model.sizes import NAMED_SIZES, ModelArgs
-from plait.planner.cluster import cluster_from_flags
 from plait.planner.memory import estimate_memory
 from plait.planner.timing import estimate_time
 from plait.planner.types import Layout, Workload

@@ -65,7 +65,7 @@ def main() -> int:
     ap.add_argument("--json", default=str(ROOT / "bench" / "out" / "planner_ranking.json"))
     args = ap.parse_args()
 
-    from plait.planner.cluster import load_profile
+    from plait.hardware.profile import load_profile
 
     if args.cluster:
         cluster = load_profile(args.cluster)

@@ -133,11 +133,11 @@ def _cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     for key, value in parse_overrides(overrides):
         set_value(cfg, key, value)
     if args.cluster:
-        from plait.planner.cluster import load_profile
+        from plait.hardware.profile import load_profile
 
         cluster = load_profile(Path(args.cluster))
     else:
-        from plait.planner.cluster import cluster_from_flags
+        from plait.hardware.profile import cluster_from_flags
 
         if args.gpus is None:
             raise ConfigError("plait plan needs the cluster: --gpus N [--gpus-per-node G] [--gpu TYPE], or --cluster FILE")

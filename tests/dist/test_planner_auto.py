@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 
 from plait.config import load_toml, resolve_degrees
-from plait.planner.cluster import write_profile
-from plait.planner.types import Cluster, Device, Layout, Link
+from plait.hardware.devices import Cluster, Device, Link
+from plait.hardware.profile import write_profile
+from plait.planner.types import Layout
 
 from .layouts import BASE, plait_cli
 

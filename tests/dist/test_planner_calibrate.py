@@ -3,8 +3,8 @@ positive, plausible numbers (no timing is asserted beyond orders of magnitude)."
 
 from __future__ import annotations
 
+from plait.hardware.profile import load_profile
 from plait.planner.calibrate import calibrate
-from plait.planner.cluster import load_profile
 
 try:
     import tomllib

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from plait.config import Config, build_config, set_value
+from plait.hardware.profile import cluster_from_flags
 from plait.planner import workload_from_config
-from plait.planner.cluster import cluster_from_flags
 from plait.planner.measure import layout_overrides, ranks, spearman
 from plait.planner.search import enumerate_layouts
 

@@ -9,12 +9,13 @@ import pytest
 
 from plait.cli import main
 from plait.config import Config, ConfigError, load_toml, validate
+from plait.hardware.devices import Cluster, Device, Link
 from plait.model.sizes import NAMED_SIZES
 from plait.planner.explain import memory_breakdown, nothing_fits, plan_config
 from plait.planner.memory import estimate_memory, memory_fits
 from plait.planner.search import PlanError, candidate, check_layout, enumerate_layouts, plan
 from plait.planner.timing import estimate_time, link_for, ring_time
-from plait.planner.types import Cluster, Device, Layout, Link, Workload
+from plait.planner.types import Layout, Workload
 
 GIB = 2**30
 INTRA, INTER = Link(bandwidth=300e9, latency=5e-6), Link(bandwidth=25e9, latency=10e-6)
@@ -301,7 +302,7 @@ def test_planning_does_not_import_torch():
     code = ("import sys\n"
             "from plait.config import Config, set_value\n"
             "from plait.planner import workload_from_config\n"
-            "from plait.planner.cluster import cluster_from_flags\n"
+            "from plait.hardware.profile import cluster_from_flags\n"
             "from plait.planner.search import plan\n"
             "cfg = Config(); set_value(cfg, 'model.name', '8b')\n"
             "best = plan(workload_from_config(cfg, 4096, 64), cluster_from_flags(64, None, 'h100'), {'pp': 2}, top=1)\n"

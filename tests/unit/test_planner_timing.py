@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 from plait.config import Config, set_value
+from plait.hardware.profile import cluster_from_flags
 from plait.planner import workload_from_config
-from plait.planner.cluster import cluster_from_flags
 from plait.planner.timing import elementwise_elements, estimate_time
 from plait.planner.types import Layout
 

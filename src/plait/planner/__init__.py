@@ -10,10 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from plait.config import Config, ConfigError, ModelSection, resolve_model_args
-from plait.planner.types import Candidate, Cluster, Device, Layout, Link, MemoryEstimate, TimeEstimate, Workload
+from plait.planner.types import Candidate, Layout, MemoryEstimate, TimeEstimate, Workload
 
-__all__ = ["Candidate", "Cluster", "Device", "Layout", "Link", "MemoryEstimate", "TimeEstimate", "Workload",
-           "workload_from_config", "model_keys"]
+__all__ = ["Candidate", "Layout", "MemoryEstimate", "TimeEstimate", "Workload", "workload_from_config", "model_keys"]
 
 
 def tokenizer_vocab(cfg: Config) -> int | None:

@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from plait.config import Config, ConfigError, ParallelSection, TrainSection, override_args, set_value, validate
+from plait.hardware.devices import Cluster
+from plait.hardware.profile import load_profile
 from plait.planner import workload_from_config
 from plait.planner import explain
-from plait.planner.cluster import load_profile
 from plait.planner.search import PlanError, plan
-from plait.planner.types import Candidate, Cluster, Workload
+from plait.planner.types import Candidate, Workload
 
 PROFILE_NAME = "cluster.toml"  # in the run directory, when measured at start-up
 PLAN_NAME = "plan.txt"  # in the run directory: the explanation of the choice

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from plait.config import ConfigError
-from plait.planner.cluster import DEVICES, GB, default_links, describe, device_for_name, host_memory_bytes, write_profile
-from plait.planner.types import Cluster, Device, Link
+from plait.hardware.devices import DEVICES, GB, Cluster, Device, Link, default_links, device_for_name, host_memory_bytes
+from plait.hardware.profile import describe, write_profile
 
 KB, MB = 2**10, 2**20
 DEFAULT_MESSAGE_BYTES = (4 * KB, 64 * KB, 1 * MB, 8 * MB, 32 * MB)

@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from plait.config import to_toml
+from plait.hardware.devices import Cluster
 from plait.planner.memory import HOST_RESERVED, host_bytes_per_node, memory_ratios, usable_host_bytes
-from plait.planner.types import Candidate, Cluster, Workload
+from plait.planner.types import Candidate, Workload
 
 GIB = 2**30
 

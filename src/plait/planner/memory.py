@@ -33,8 +33,9 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from plait.hardware.devices import Cluster
 from plait.model.sizes import ModelArgs
-from plait.planner.types import Cluster, Layout, MemoryEstimate, Workload
+from plait.planner.types import Layout, MemoryEstimate, Workload
 
 FP32 = 4
 # A stated allowance for the caching allocator's fragmentation: a share of the dynamic part

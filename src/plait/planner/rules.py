@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from plait.planner.types import Cluster, Layout, Workload
+from plait.hardware.devices import Cluster
+from plait.planner.types import Layout, Workload
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zero-bubble")  # as plait.parallel.pipeline_plan
 SINGLE_CHUNK_SCHEDULES = ("gpipe", "1f1b")  # one model chunk per rank: pp_virtual_stages = 1

@@ -21,11 +21,12 @@ import difflib
 from collections.abc import Iterator
 from typing import Any
 
+from plait.hardware.devices import Cluster
 from plait.model.flops import flops_per_token
 from plait.planner.memory import estimate_memory, memory_fits, memory_ratios
 from plait.planner.rules import PlanError, check_layout, pinned_layout
 from plait.planner.timing import estimate_time
-from plait.planner.types import Candidate, Cluster, Layout, Workload
+from plait.planner.types import Candidate, Layout, Workload
 
 MAX_MICRO_BATCH = 32  # sequences per forward; beyond this the time model gains nothing
 MAX_CP = 64

@@ -13,8 +13,9 @@ activation element (2 in bf16), Psi a rank's parameters (its tp/pp/ep share).
 
 from __future__ import annotations
 
+from plait.hardware.devices import Cluster, Link
 from plait.model.flops import count_params, flops_per_token, mlp_params
-from plait.planner.types import Cluster, Layout, Link, TimeEstimate, Workload
+from plait.planner.types import Layout, TimeEstimate, Workload
 
 # Host <-> device copies for cpu_offload (PCIe 4.0 x16 sustains about 25 GB/s per direction)
 # and the CPU's AdamW update rate for offloaded states (parameters per second, a few cores).

@@ -1,10 +1,11 @@
-"""The planner's vocabulary: the cluster, the workload, a layout, and the estimates.
+"""The planner's vocabulary: the workload, a layout, and the estimates.
 
-Pure Python (no torch): the planner answers for 16,384 GPUs on a laptop. `cluster.py` builds a
-`Cluster` (a GPU table, flags or a TOML profile, `plait plan --calibrate`); `memory.py` estimates
-a layout's bytes per GPU (and per node of host memory); `timing.py` its step time; `rules.py`
-refuses a layout `plait train` would refuse; `search.py` enumerates layouts, drops those that do
-not fit and ranks the rest; `explain.py` prints and serialises the answer.
+Pure Python (no torch): the planner answers for 16,384 GPUs on a laptop. The cluster it plans for
+(`Cluster`, `Device`, `Link`: a GPU table, flags or a TOML profile, `plait plan --calibrate`) is
+`plait.hardware`'s; `memory.py` estimates a layout's bytes per GPU (and per node of host memory);
+`timing.py` its step time; `rules.py` refuses a layout `plait train` would refuse; `search.py`
+enumerates layouts, drops those that do not fit and ranks the rest; `explain.py` prints and
+serialises the answer.
 
 Units: bytes, seconds, FLOP/s; bandwidth is bytes/s per GPU in one direction.
 """
@@ -16,68 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from plait.model.sizes import ModelArgs
-
-
-@dataclass(frozen=True)
-class Link:
-    """One kind of connection: what a GPU can send per second over it, and the fixed cost of a
-    message (latency per step of a collective's algorithm)."""
-
-    bandwidth: float  # bytes/s per GPU, one direction
-    latency: float  # seconds per message
-
-
-@dataclass(frozen=True)
-class Device:
-    """An accelerator (or a CPU) as the planner sees it."""
-
-    name: str
-    peak_flops: dict[str, float]  # dense peak by dtype: "bf16", "fp8", "fp32"
-    memory_bytes: int  # usable device memory
-    # Fraction of the peak that large matmuls sustain in practice (measured by --calibrate, or
-    # the table's default); the time model divides FLOPs by peak x this.
-    matmul_efficiency: float = 0.7
-    # Sustained bytes/s of memory-bound (elementwise) kernels: norms, residual adds, activation
-    # functions, rotary embedding. The time model adds their traffic at this rate.
-    memory_bandwidth: float = 1e12
-    # Whether collectives run beside compute (GPUs: NCCL on its own stream and SMs). On a CPU the
-    # collective runs on the same cores as the matmuls, so nothing is hidden.
-    overlaps_comm: bool = True
-    # Host seconds plait's parallel wrappers add per call where the host's time adds to the step
-    # (a CPU; measured by --calibrate, plait.planner.overhead): per tensor-parallel linear per
-    # micro-batch (forward + backward), and per FSDP2 collective call. 0: not modelled (on a GPU
-    # the host runs ahead of the device's queue).
-    tp_linear_s: float = 0.0
-    fsdp_call_s: float = 0.0
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """The machines: `gpus` devices, `gpus_per_node` to a node, the links, and each node's host
-    memory (what CPU offload keeps its states in; for the "cpu" device, what the workers run in)."""
-
-    device: Device
-    gpus: int
-    gpus_per_node: int
-    intra: Link  # within a node (NVLink, xGMI, shared memory)
-    inter: Link  # between nodes (InfiniBand, RoCE, Ethernet)
-    host_memory_bytes: int  # per node: the CPU's memory (DIMMs) the node's ranks share
-    source: str = "table"  # "table", "flags", a profile path, or "calibrated"
-
-    @property
-    def nodes(self) -> int:
-        return -(-self.gpus // self.gpus_per_node)
-
-    @property
-    def ranks_per_node(self) -> int:
-        """Workers that share one node's host memory (fewer than a node: all of them)."""
-        return min(self.gpus, self.gpus_per_node)
-
-    @property
-    def device_is_host(self) -> bool:
-        """The "cpu" device: its memory is the host's, so every worker of a node draws on the
-        node's host memory for everything it holds, not only for offloaded states."""
-        return self.device.name == "cpu"
 
 
 @dataclass(frozen=True)

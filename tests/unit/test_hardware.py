@@ -1,4 +1,4 @@
-"""The planner's cluster: the device table, the flags, TOML profiles, and the link fit of --calibrate."""
+"""The hardware the planner plans for: the device table, the flags, TOML profiles, and the link fit of --calibrate."""
 
 from __future__ import annotations
 
@@ -9,19 +9,19 @@ import pytest
 
 from plait.config import ConfigError
 from plait.hardware import peak_flops
-from plait.planner.calibrate import _profile, fit_link
-from plait.planner.cluster import (
+from plait.hardware.devices import (
     DEVICES,
-    cluster_from_flags,
+    Cluster,
+    Device,
+    Link,
     default_gpus_per_node,
     default_links,
     device_for_name,
     host_memory_bytes,
-    load_profile,
     sustained_flops,
-    write_profile,
 )
-from plait.planner.types import Cluster, Device, Link
+from plait.hardware.profile import cluster_from_flags, load_profile, write_profile
+from plait.planner.calibrate import _profile, fit_link
 
 REQUIRED = ("a100-40", "a100-80", "h100", "h200", "b200", "mi250x", "cpu")
 
