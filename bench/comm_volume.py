@@ -2,7 +2,7 @@
 
 Each layout runs as a torchrun job of this script (`--worker`): the `debug` model (fp32) goes
 through plait's own `apply_layout` and optimizer, takes one warm-up step, then one step (forward,
-backward, optimizer) under `plait.parallel.comm_counter.CommCounter`, and rank 0 reports. The
+backward, optimizer) under `plait.measure.comm_counter.CommCounter`, and rank 0 reports. The
 formulas (PAPERS.md; Psi = a rank's parameters (its tensor-parallel shards), 4 bytes each in
 fp32; n = data-parallel ranks, t = tensor-parallel ranks; B s h = one rank's activations of one
 layer, 4 bytes each):
@@ -107,7 +107,7 @@ def worker(overrides: list[str]) -> None:
     from plait.config import build_config, resolve_degrees, resolve_model_args, with_resolved_zero_stage
     from plait.model import build_model, count_params, materialize
     from plait.parallel.apply import apply_layout, build_layout_optimizer
-    from plait.parallel.comm_counter import CommCounter
+    from plait.measure.comm_counter import CommCounter
     from plait.parallel.context_parallel import context_sharding
     from plait.parallel.mesh import build_layout
     from plait.parallel.tensor_parallel import loss_parallel_context, tp_cross_entropy

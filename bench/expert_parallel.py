@@ -3,7 +3,7 @@
 Each layout runs as a torchrun job of this script (`--worker`): the `debug-moe` model (fp32,
 4 experts, top-2, dropless) goes through plait's own `apply_layout` and optimizer, takes one
 warm-up step, then one step (forward, backward, optimizer) under
-`plait.parallel.comm_counter.CommCounter`, which counts an uneven all-to-all as the bytes that
+`plait.measure.comm_counter.CommCounter`, which counts an uneven all-to-all as the bytes that
 leave the rank. Rank 0 reports. Per MoE layer and step a rank runs four token all-to-alls
 (dispatch and combine in forward, their reverses in backward) of equal size, and one exchange of
 the per-expert counts (forward only). With N tokens on the rank, k experts per token, hidden h,
@@ -47,7 +47,7 @@ def worker(overrides: list[str]) -> None:
     from plait.config import build_config, resolve_degrees, resolve_model_args
     from plait.model import build_model, materialize, moe_layers
     from plait.parallel.apply import apply_layout, build_layout_optimizer
-    from plait.parallel.comm_counter import CommCounter
+    from plait.measure.comm_counter import CommCounter
     from plait.parallel.mesh import build_layout
     from plait.parallel.tensor_parallel import tp_cross_entropy
 

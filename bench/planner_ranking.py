@@ -6,7 +6,7 @@
    structure (ddp, zero-1/2/3, tp, pp, cp, ...); a seeded sample of `--sample` of them, taken
    round-robin over the groups so every structure is in, plus the planner's own first choice.
 3. Each one trained `--steps` steps through `plait train --nproc-per-node 2`; the median step time
-   after 2 warm-up steps is the measurement (plait.planner.measure).
+   after 2 warm-up steps is the measurement (plait.measure.step_time).
 4. The Spearman correlation of predicted and measured step times, the planner's pick's measured
    rank, and a table; JSON with every row.
 
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from plait.config import Config, set_value  # noqa: E402
 from plait.planner import workload_from_config  # noqa: E402
-from plait.planner.measure import measure_step_time, spearman  # noqa: E402
+from plait.measure.step_time import measure_step_time, spearman  # noqa: E402
 from plait.planner.search import candidate, enumerate_layouts, plan  # noqa: E402
 
 
@@ -70,7 +70,7 @@ def main() -> int:
     if args.cluster:
         cluster = load_profile(args.cluster)
     else:
-        from plait.planner.calibrate import calibrate
+        from plait.measure.calibrate import calibrate
 
         path = ROOT / "bench" / "out" / "planner_ranking_cluster.toml"
         path.parent.mkdir(parents=True, exist_ok=True)

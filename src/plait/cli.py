@@ -123,7 +123,7 @@ def _cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     from plait.planner.search import PlanError, plan
 
     if args.calibrate:
-        from plait.planner.calibrate import main_calibrate
+        from plait.measure.calibrate import main_calibrate
 
         if args.workers < 1:
             raise ConfigError(f"--workers = {args.workers} must be at least 1")

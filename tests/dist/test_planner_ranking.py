@@ -15,9 +15,9 @@ measures a seeded sample of 16 (Spearman 0.92 in bench/RESULTS.md).
 from __future__ import annotations
 
 from plait.config import Config, set_value
+from plait.measure.calibrate import calibrate
+from plait.measure.step_time import measure_step_time, spearman
 from plait.planner import workload_from_config
-from plait.planner.calibrate import calibrate
-from plait.planner.measure import measure_step_time, spearman
 from plait.planner.search import enumerate_layouts
 from plait.planner.timing import estimate_time
 from plait.planner.types import Layout

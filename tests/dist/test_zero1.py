@@ -32,7 +32,7 @@ def _model() -> nn.Module:
 def _run(rank: int) -> dict:
     from plait.config import OptimSection
     from plait.optim.adamw import param_groups
-    from plait.parallel.comm_counter import CommCounter
+    from plait.measure.comm_counter import CommCounter
     from plait.parallel.zero1 import Zero1AdamW
 
     cfg = OptimSection(weight_decay=0.1)

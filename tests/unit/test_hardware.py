@@ -21,7 +21,7 @@ from plait.hardware.devices import (
     sustained_flops,
 )
 from plait.hardware.profile import cluster_from_flags, load_profile, write_profile
-from plait.planner.calibrate import _profile, fit_link
+from plait.measure.calibrate import _profile, fit_link
 
 REQUIRED = ("a100-40", "a100-80", "h100", "h200", "b200", "mi250x", "cpu")
 

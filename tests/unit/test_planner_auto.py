@@ -149,7 +149,7 @@ def test_a_profile_measured_at_start_up_is_written_and_reused(tmp_path, monkeypa
         _profile(Path(out), gpus=workers)
         return load_profile(out)
 
-    monkeypatch.setattr("plait.planner.calibrate.calibrate", fake_calibrate)
+    monkeypatch.setattr("plait.measure.calibrate.calibrate", fake_calibrate)
     cfg = build_config(None, [*BASE, f"--run.dir={tmp_path / 'run'}"])
     first = plan_for_job(cfg, 2, 2)
     written = tmp_path / "run" / PROFILE_NAME
@@ -234,7 +234,7 @@ def test_a_run_dir_with_checkpoints_is_refused_before_the_plan_writes_into_it(tm
     (step / "manifest.json").write_text("{}")
     (run_dir / "checkpoints" / "latest").write_text("step_5")
     before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
-    monkeypatch.setattr("plait.planner.calibrate.calibrate", lambda *a, **k: pytest.fail("measured before the refusal"))
+    monkeypatch.setattr("plait.measure.calibrate.calibrate", lambda *a, **k: pytest.fail("measured before the refusal"))
     cfg = build_config(None, [*BASE, f"--run.dir={run_dir}", "--checkpoint.resume=false"])
     with pytest.raises(ConfigError, match=r"already holds checkpoints \(step_5\) and checkpoint.resume = false"):
         plait.train(cfg)

@@ -4,7 +4,7 @@ progress display's MFU divides by.
 `devices.py` holds `Device`, `Link` and `Cluster`, the table of accelerators with their usual
 servers and the published figures behind them, and `peak_flops`; `profile.py` builds a `Cluster`
 from the `--gpus/--gpus-per-node/--gpu` flags or a TOML profile and writes profiles back. Measuring
-a machine (`plait plan --calibrate`) is `plait.planner.calibrate`'s business: it writes a profile here.
+a machine (`plait plan --calibrate`) is `plait.measure`'s business: it writes a profile here.
 
 The names below are the ones other code uses most; the submodules import each other directly.
 """

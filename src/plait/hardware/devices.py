@@ -43,7 +43,7 @@ class Device:
     # collective runs on the same cores as the matmuls, so nothing is hidden.
     overlaps_comm: bool = True
     # Host seconds plait's parallel wrappers add per call where the host's time adds to the step
-    # (a CPU; measured by --calibrate, plait.planner.overhead): per tensor-parallel linear per
+    # (a CPU; measured by --calibrate, plait.measure.overhead): per tensor-parallel linear per
     # micro-batch (forward + backward), and per FSDP2 collective call. 0: not modelled (on a GPU
     # the host runs ahead of the device's queue).
     tp_linear_s: float = 0.0

@@ -1,5 +1,5 @@
 """Where a `Cluster` comes from: the `--gpus/--gpus-per-node/--gpu` flags over the device table,
-and TOML profiles, written by hand or by `plait plan --calibrate` (`plait.planner.calibrate`), and
+and TOML profiles, written by hand or by `plait plan --calibrate` (`plait.measure.calibrate`), and
 read back by `plait plan --cluster FILE` and `parallel.cluster_profile`; `describe` prints one for
 people.
 

@@ -2,7 +2,7 @@
 sequence parallelism, activation checkpointing and compilation per block, data parallelism
 (DDP, ZeRO-1, FSDP2 for ZeRO-2/3 and HSDP), each a function over the model and a mesh axis
 (`mesh.py`); pipeline, context and expert parallelism will join the same way.
-`distributed.py` joins and leaves the job torchrun started; `comm_counter.py` counts collective bytes.
+`distributed.py` joins and leaves the job torchrun started.
 `apply_layout` and `build_layout_optimizer` load on first use, so that the pure-Python parts
 (`pipeline_plan.py`) import without torch."""
 

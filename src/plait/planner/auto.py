@@ -286,7 +286,7 @@ def _profile(cfg: Config, local: int, shared: bool, gpu: bool) -> tuple[Path, Cl
 
 def _calibrate_here(workers: int, path: Path, gpu: bool) -> Cluster:
     """Measure this machine with `workers` processes (quick settings) and write the profile."""
-    from plait.planner.calibrate import calibrate
+    from plait.measure.calibrate import calibrate
 
     path.parent.mkdir(parents=True, exist_ok=True)
     print(f"parallel.auto: measuring this machine with {workers} worker(s) for the plan ...", flush=True)

@@ -4,7 +4,7 @@ positive, plausible numbers (no timing is asserted beyond orders of magnitude)."
 from __future__ import annotations
 
 from plait.hardware.profile import load_profile
-from plait.planner.calibrate import calibrate
+from plait.measure.calibrate import calibrate
 
 try:
     import tomllib

@@ -1,4 +1,4 @@
-"""Check the time model against this machine: train layouts for a few steps, compare rankings.
+"""Check the planner's time model on this machine: train layouts for a few steps, compare rankings.
 
 `measure_step_time` runs `plait train --nproc-per-node N` on one layout (the same `[parallel]`
 and `[train]` keys `plait plan --write` emits) for a few steps and returns the median seconds per

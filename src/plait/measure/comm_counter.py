@@ -9,6 +9,9 @@ convention of PAPERS.md: for a payload of M bytes over n ranks, all-reduce 2(n-1
 uneven splits (expert parallelism) counts exactly what leaves the rank: M minus its own block.
 Point-to-point sends (`isend`, `batch_isend_irecv`: ring attention, pipeline stages) count their
 whole payload as kind "send"; receives are not counted (they are another rank's sends).
+
+A diagnostic: tests/ (the byte counts of PAPERS.md's formulas, ZeRO-1's traffic) and bench/ run
+steps under it; training never does, so nothing here is on the path of a `plait train` step.
 """
 
 from __future__ import annotations

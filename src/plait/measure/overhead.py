@@ -14,7 +14,7 @@ with and without the wrapper:
   all-gathers of forward and backward and the gradient reduce-scatter): the hooks, the copy into
   and out of the flat buffers.
 
-Imports torch (only here and in calibrate.py's workers).
+Imports torch inside `measure_overheads` only (calibrate.py's workers call it).
 """
 
 from __future__ import annotations

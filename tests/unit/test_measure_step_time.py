@@ -6,8 +6,8 @@ import pytest
 
 from plait.config import Config, build_config, set_value
 from plait.hardware.profile import cluster_from_flags
+from plait.measure.step_time import layout_overrides, ranks, spearman
 from plait.planner import workload_from_config
-from plait.planner.measure import layout_overrides, ranks, spearman
 from plait.planner.search import enumerate_layouts
 
 

@@ -1,4 +1,4 @@
-"""`plait plan --calibrate`: measure this machine and write a cluster profile.
+"""`plait plan --calibrate` and `parallel.auto`: measure this machine, write a cluster profile.
 
 Two measurements, both taken on `workers` processes at once, as `plait train` would run them:
 1. the matmul rate: `F.linear` of square matrices of a few sizes (bf16 on a GPU; fp32 and bf16 on a
@@ -11,7 +11,8 @@ Two measurements, both taken on `workers` processes at once, as `plait train` wo
    all-gather n-1 steps and (n-1)/n x size bytes (size: the full buffer).
 All workers run on this one machine, so the inter-node link is written equal to the intra-node one.
 
-The one module of the planner that imports torch (only inside these functions and the workers).
+Imports torch only inside these functions and the workers; it builds the `Cluster` of plait.hardware
+that the planner plans for, and the planner never imports it.
 """
 
 from __future__ import annotations
@@ -135,11 +136,11 @@ def _worker(rank: int, workers: int, store: str, result_path: str, settings: dic
         bandwidth = _elementwise_bandwidth(device, settings["elementwise_bytes"], settings["seconds"])
         slowest = torch.tensor([rates[d] for d in dtypes] + [bandwidth], dtype=torch.float64, device=device)
         dist.all_reduce(slowest, op=dist.ReduceOp.MIN)
-        # The wrappers' host time (plait.planner.overhead) adds to the step only where the host
+        # The wrappers' host time (plait.measure.overhead) adds to the step only where the host
         # does the compute too: measured on CPUs, every worker at once; the slowest sets the pace.
         overheads = {"tp_linear_s": 0.0, "fsdp_call_s": 0.0}
         if not on_gpu:
-            from plait.planner.overhead import measure_overheads
+            from plait.measure.overhead import measure_overheads
 
             dist.barrier()
             measured = measure_overheads(settings["overhead_seconds"])
