@@ -25,7 +25,7 @@ CPU_ADAM_PARAMS_PER_S = 1.0e9
 # ("pipeline bubble, sleep-cost stages") measure 0.083 vs 0.25 (p 2, m 4) and 0.125 vs 0.375 (p 4, m 8).
 ZERO_BUBBLE_FRACTION = 1 / 3
 
-# Mesh axes, outermost first (src/plait/parallel/mesh.py): tp ranks are neighbours.
+# Mesh axes, outermost first (as parallel/mesh.py builds them): tp ranks are neighbours.
 AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
