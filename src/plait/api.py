@@ -35,7 +35,7 @@ def _planned(cfg: Config) -> Config:
     """`cfg` with the layout the planner chose for this job; rank 0 prints it and writes plan.txt."""
     from plait.config import validate
     from plait.parallel.distributed import launched_local_world_size, launched_rank, launched_world_size
-    from plait.planner.auto import plan_for_job
+    from plait.autoplan import plan_for_job
 
     world = launched_world_size()
     validate(cfg, world)  # every other key first, so that a bad one is named as such

@@ -201,7 +201,7 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         if cfg.parallel.auto:
             # Planned once, here; the workers get the layout and parallel.auto = false. Each node's
             # launcher plans for itself, so several nodes need one profile (plan_for_job says so).
-            from plait.planner.auto import plan_for_job, worker_overrides
+            from plait.autoplan import plan_for_job, worker_overrides
 
             planned = plan_for_job(cfg, world, args.nproc_per_node, shared=args.nnodes > 1)
             planned.write(echo=cfg.run.progress != "none")

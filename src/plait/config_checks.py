@@ -89,7 +89,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(c.keep_last >= 1, f"checkpoint.keep_last = {c.keep_last} must be at least 1")
     _require(r.name != "" and "/" not in r.name, f"run.name = {r.name!r} must be a plain non-empty name")
     if cfg.parallel.auto:
-        # The layout is planned at start-up (plait.planner.auto) and that plan is validated
+        # The layout is planned at start-up (plait.autoplan) and that plan is validated
         # against the job's workers then; here only the keys the plan keeps as pins are checked.
         _check_auto_pins(cfg.parallel)
         return

@@ -1,8 +1,9 @@
 """The planner: predict memory and speed of every layout of a model on a cluster, pick the best
 that fits, explain why, and write the `[parallel]` plan `plait train` reads (docs/planner.md).
 
-Pure Python (no torch) except `calibrate.py`, which measures this machine, and the start-up of
-`auto.py` (`parallel.auto`), which may call it and asks torch whether CUDA is there.
+Pure Python (no torch), so that it answers for 16,384 GPUs on a laptop. The cluster it plans for
+is `plait.hardware`'s; measuring a machine is `plait.measure`'s, and planning at `plait train`
+start-up (`parallel.auto`) is `plait.autoplan`'s: both sit above the planner and import it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """`parallel.auto = true`: `plait train` runs the planner at start-up and trains its best layout.
 
+It sits between the entry points (`cli.py`, `api.py`) and the planner, outside the pure-Python
+planner because a start-up may measure this machine (`plait.measure.calibrate`) when there is no
+profile, and asks torch whether CUDA is there.
+
 `plan_for_job(cfg, world_size, local_workers)` turns a config into the one `plait train` runs: the
 whole `[parallel]` section and the `[train]` keys a layout fixes (micro-batch, activation
 checkpointing) come from the best layout that fits, on
@@ -13,8 +17,7 @@ checkpointing) come from the best layout that fits, on
 The keys the user set are pins (`pinned_keys`). The answer is checked by `plait train`'s own
 `validate` before any worker starts; the chosen layout is what the run records (`auto = false`).
 
-Pure Python, as the rest of the planner, except `_calibrate_here` (torch workers) and
-`on_gpu` (asks torch whether CUDA is there).
+torch is imported only by `_calibrate_here` (its workers) and `on_gpu` (asks whether CUDA is there).
 """
 
 from __future__ import annotations

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 
 import plait
+from plait.autoplan import (
+    PLAN_NAME, PROFILE_NAME, QUICK_MESSAGE_BYTES_CPU, job_cluster, pinned_keys, plan_for_job, planner_pins,
+    worker_overrides,
+)
 from plait.cli import main
 from plait.config import ConfigError, build_config, load_toml, resolve_degrees, validate
 from plait.hardware.devices import Cluster, Device, Link
 from plait.hardware.profile import cluster_from_flags, load_profile, write_profile
-from plait.planner.auto import (
-    PLAN_NAME, PROFILE_NAME, QUICK_MESSAGE_BYTES_CPU, job_cluster, pinned_keys, plan_for_job, planner_pins,
-    worker_overrides,
-)
 
 if sys.version_info >= (3, 11):
     import tomllib
