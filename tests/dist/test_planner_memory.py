@@ -94,7 +94,7 @@ def _bytes(tensors) -> int:
 
 
 def _optimizer_tensors(optimizer) -> list:
-    from plait.parallel.zero1 import Zero1AdamW
+    from plait.optim.zero1 import Zero1AdamW
 
     inner = optimizer._inner if isinstance(optimizer, Zero1AdamW) else optimizer
     tensors = [v for state in inner.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
@@ -104,7 +104,7 @@ def _optimizer_tensors(optimizer) -> list:
 
 
 def _grad_tensors(model, optimizer) -> list:
-    from plait.parallel.zero1 import Zero1AdamW
+    from plait.optim.zero1 import Zero1AdamW
 
     grads = [p.grad for p in model.parameters()]
     if isinstance(optimizer, Zero1AdamW) and optimizer._grad_slice is not None:

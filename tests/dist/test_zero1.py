@@ -33,7 +33,7 @@ def _run(rank: int) -> dict:
     from plait.config import OptimSection
     from plait.optim.adamw import param_groups
     from plait.parallel.comm_counter import CommCounter
-    from plait.parallel.zero1 import Zero1AdamW
+    from plait.optim.zero1 import Zero1AdamW
 
     cfg = OptimSection(weight_decay=0.1)
     reference, model = _model(), _model()

@@ -55,7 +55,7 @@ from plait.checkpoint.dcp_io import (
     flat_boxes,
     read_metadata_json,
 )
-from plait.parallel.zero1 import Zero1AdamW
+from plait.optim.zero1 import Zero1AdamW
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"

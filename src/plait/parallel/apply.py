@@ -38,12 +38,12 @@ from torch import nn
 
 from plait.config import OptimSection, ParallelSection, TrainSection
 from plait.optim import build_optimizer
+from plait.optim.zero1 import Zero1AdamW, build_zero1_optimizer
 from plait.parallel.activation_checkpoint import apply_activation_checkpointing
 from plait.parallel.data_parallel import apply_data_parallel
 from plait.parallel.expert_parallel import apply_expert_fully_shard, apply_expert_parallel, apply_global_load_balance, moe_layers
 from plait.parallel.mesh import Layout
 from plait.parallel.tensor_parallel import apply_tensor_parallel, clip_grad_norm_mixed
-from plait.parallel.zero1 import Zero1AdamW, build_zero1_optimizer
 
 if TYPE_CHECKING:
     from plait.parallel.pipeline_parallel import Pipeline
