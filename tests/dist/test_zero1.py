@@ -31,7 +31,7 @@ def _model() -> nn.Module:
 
 def _run(rank: int) -> dict:
     from plait.config import OptimSection
-    from plait.optim.adamw import param_groups
+    from plait.optim.groups import param_groups
     from plait.parallel.comm_counter import CommCounter
     from plait.optim.zero1 import Zero1AdamW
 

@@ -36,7 +36,7 @@ from torch.distributed import ProcessGroup
 from torch.distributed.tensor import DTensor
 
 from plait.config import OptimSection
-from plait.optim.adamw import param_groups
+from plait.optim.groups import param_groups
 
 # PyTorch 2.13 renamed the flat-tensor collectives (the old names warn); older versions have only those.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

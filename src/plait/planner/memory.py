@@ -49,7 +49,7 @@ HOST_RESERVED = 0.10
 @dataclass(frozen=True)
 class _Tensor:
     """One parameter tensor as the model registers it: dim 0 (`rows`) times the rest (`cols`),
-    how tensor parallelism splits it, and whether it is a matrix (decayed, plait.optim.adamw)."""
+    how tensor parallelism splits it, and whether it is a matrix (decayed, plait.optim.groups)."""
 
     rows: int
     cols: int
