@@ -12,7 +12,8 @@ Adding an optimizer:
    parameter element, one line of description;
 2. one line in `OPTIMIZERS` below (with its import);
 3. its tests: it builds and steps, and if element-wise, ZeRO-1 over it steps as it does
-   unsharded.
+   unsharded and its sharded state checkpoints (tests/dist/test_zero1_optimizers.py does this
+   for SGD and Adagrad).
 
 Importing this package does not import torch (config validation and the pure-Python planner
 read the table); the builders import it when called. Nothing here imports plait.config at
