@@ -94,20 +94,20 @@ def _bytes(tensors) -> int:
 
 
 def _optimizer_tensors(optimizer) -> list:
-    from plait.parallel.zero1 import Zero1AdamW
+    from plait.optim.zero1 import Zero1Optimizer
 
-    inner = optimizer._inner if isinstance(optimizer, Zero1AdamW) else optimizer
+    inner = optimizer._inner if isinstance(optimizer, Zero1Optimizer) else optimizer
     tensors = [v for state in inner.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-    if isinstance(optimizer, Zero1AdamW):
+    if isinstance(optimizer, Zero1Optimizer):
         tensors.append(optimizer._param_slice)
     return tensors
 
 
 def _grad_tensors(model, optimizer) -> list:
-    from plait.parallel.zero1 import Zero1AdamW
+    from plait.optim.zero1 import Zero1Optimizer
 
     grads = [p.grad for p in model.parameters()]
-    if isinstance(optimizer, Zero1AdamW) and optimizer._grad_slice is not None:
+    if isinstance(optimizer, Zero1Optimizer) and optimizer._grad_slice is not None:
         grads.append(optimizer._grad_slice)
     return grads
 

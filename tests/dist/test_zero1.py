@@ -1,4 +1,4 @@
-"""Zero1AdamW against torch's AdamW on one process, where the parity rows cannot reach.
+"""ZeRO-1 AdamW against torch's AdamW on one process, where the parity rows cannot reach.
 
 The parity rows (`test_parity.py`) train the `debug` model, whose parameters split evenly over
 2 ranks. Here 3 gloo ranks share a small model of 68 elements: the flat bucket is padded
@@ -31,14 +31,14 @@ def _model() -> nn.Module:
 
 def _run(rank: int) -> dict:
     from plait.config import OptimSection
-    from plait.optim.adamw import param_groups
     from plait.measure.comm_counter import CommCounter
-    from plait.parallel.zero1 import Zero1AdamW
+    from plait.optim.groups import param_groups
+    from plait.optim.zero1 import build_zero1_optimizer
 
     cfg = OptimSection(weight_decay=0.1)
     reference, model = _model(), _model()
     opt_ref = torch.optim.AdamW(param_groups(reference, cfg), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    opt = Zero1AdamW(param_groups(model, cfg), cfg, dist.group.WORLD)
+    opt = build_zero1_optimizer(model, cfg, dist.group.WORLD, None, None)
     out: dict = {"param_diff": [], "norms": [], "micro_batch_calls": []}
     for step in range(STEPS):
         x = torch.randn(2, WORLD * ROWS, 7, generator=torch.Generator().manual_seed(step))
@@ -80,10 +80,9 @@ def _run(rank: int) -> dict:
     out["steps_saved"] = saved["0.weight/step"].item()
     # A fresh optimizer loads its own slices (a 3-rank reshard of the same boxes) and continues
     # like the one that saved them.
-    restored = Zero1AdamW(param_groups(model, cfg), cfg, dist.group.WORLD)
+    restored = build_zero1_optimizer(model, cfg, dist.group.WORLD, None, None)
     chunks = optimizer_chunks(model, restored)
-    load_chunks(path, chunks, group, True)
-    restored.set_steps(int(chunks["optim/0.weight/step"].parts[0][1].item()))
+    load_chunks(path, chunks, group, True)  # the step count too: the boxes are views of the state
     for mine, theirs in zip(restored.param_groups, opt.param_groups):  # the loop sets lr every step
         mine["lr"] = theirs["lr"]
     before = [p.detach().clone() for p in model.parameters()]

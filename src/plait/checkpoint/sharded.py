@@ -5,10 +5,14 @@ A checkpoint `RUN_DIR/checkpoints/step_<N>/` holds
     .metadata.json        where every box of every tensor is (see `plait.checkpoint.dcp_io`)
     manifest.json         step, tokens seen, data position, layout, config, plait version, and
                           the size and SHA-256 of every file above
-Tensor entries: `model/<param>`, `optim/<param>/<exp_avg|exp_avg_sq|step>`, and
-`rng/<rank>/<cpu|cuda>`. Parameter names are the unmodified model's, whatever the layout, and
-each entry is described by its whole shape, so a checkpoint saved under one layout loads under
-any other: DCP reads, for the part each rank holds now, the overlapping parts that were saved.
+Tensor entries: `model/<param>`, `optim/<param>/<key>` (each entry of the optimizer's state
+under torch's key: `exp_avg`, `exp_avg_sq` and `step` for AdamW), and `rng/<rank>/<cpu|cuda>`.
+Parameter names are the unmodified model's, whatever the layout, and each entry is described by
+its whole shape, so a checkpoint saved under one layout loads under any other: DCP reads, for
+the part each rank holds now, the overlapping parts that were saved. An optimizer keeps its
+state in the parameters' layout (torch's `get_optimizer_state_dict` hands it over) or lists it
+in pieces of its own layout (`plait.optim.sharded_state`, ZeRO-1's flat slices): either way the
+entries are the same.
 
 Saving (`Checkpointer.save`, every rank): the boxes go to DCP, which writes each once (replicas
 are de-duplicated). Everything lands in `.tmp_step_<N>/`; when every rank is done, rank 0
@@ -55,7 +59,7 @@ from plait.checkpoint.dcp_io import (
     flat_boxes,
     read_metadata_json,
 )
-from plait.parallel.zero1 import Zero1AdamW
+from plait.optim.sharded_state import ShardedState
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
@@ -81,15 +85,16 @@ def model_chunks(model: nn.Module) -> StateChunks:
         return {f"model/{name}": chunks_of(t) for name, t in state.items()}
 
 
-def _zero1_chunks(model: nn.Module, optimizer: Zero1AdamW) -> StateChunks:
+def _piece_chunks(model: nn.Module, optimizer: ShardedState) -> StateChunks:
+    """The boxes of an optimizer that lists its state in pieces: each piece, a run of elements
+    of a parameter's local tensor in row-major order, becomes boxes of the whole tensor."""
     from plait.checkpoint import named_parameters
 
-    by_id = {id(p): name for name, p in named_parameters(model).items()}
-    names = [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    names = {id(p): name for name, p in named_parameters(model).items()}
     parts: dict[str, list[tuple[tuple[int, ...], torch.Tensor]]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for piece in optimizer.state_pieces():
-        key = f"optim/{names[piece.index]}/{piece.key}"
+        key = f"optim/{names[id(piece.param)]}/{piece.key}"
         shapes[key] = piece.shape
         pos = 0
         for off, size in flat_boxes(piece.local_shape, piece.start, piece.start + piece.flat.numel()):
@@ -97,19 +102,14 @@ def _zero1_chunks(model: nn.Module, optimizer: Zero1AdamW) -> StateChunks:
             box_offset = tuple(g + o for g, o in zip(piece.global_offset, off))
             parts.setdefault(key, []).append((box_offset, piece.flat[pos : pos + n].view(size)))
             pos += n
-    out = {key: Chunks(shapes[key], boxes) for key, boxes in parts.items()}
-    # AdamW's step count, one scalar per parameter as torch's optimizers keep it.
-    step = torch.tensor(float(optimizer.steps), dtype=torch.float32)
-    for name in names:
-        out[f"optim/{name}/step"] = Chunks((), [((), step)])
-    return out
+    return {key: Chunks(shapes[key], boxes) for key, boxes in parts.items()}
 
 
 def optimizer_chunks(model: nn.Module, optimizer: torch.optim.Optimizer) -> StateChunks:
     """This rank's boxes of the optimizer state ("optim/<param>/<key>"), views of the live
     state; a fresh optimizer gets zero state first, so a checkpoint can be loaded into it."""
-    if isinstance(optimizer, Zero1AdamW):
-        return _zero1_chunks(model, optimizer)
+    if isinstance(optimizer, ShardedState):  # state in a layout of its own (plait.optim.sharded_state)
+        return _piece_chunks(model, optimizer)
     with torch.no_grad():
         state = get_optimizer_state_dict(model, optimizer)  # initialises empty state
         return {
@@ -402,17 +402,13 @@ def restore(
         # An imported model (`plait convert --from-hf`): optimizer, RNG and data start fresh.
         load_chunks(path, chunks, group, distributed)
         return manifest
-    optim = optimizer_chunks(model, optimizer)
-    chunks.update(optim)
+    chunks.update(optimizer_chunks(model, optimizer))
     saved = read_metadata_json(path)["tensors"]
     saved_world = int(manifest.get("world_size", 1))
     source = rank if rank < saved_world else 0  # another world size: every rank takes rank 0's stream
     rng = {key.replace(f"rng/{rank}/", f"rng/{source}/"): c for key, c in rng_chunks(rank).items()}
     chunks.update({k: c for k, c in rng.items() if k in saved})
     load_chunks(path, chunks, group, distributed)
-    if isinstance(optimizer, Zero1AdamW):
-        steps = next(c.parts[0][1] for k, c in optim.items() if k.endswith("/step"))
-        optimizer.set_steps(int(steps.item()))
     if f"rng/{source}/cpu" in chunks:
         torch.set_rng_state(chunks[f"rng/{source}/cpu"].parts[0][1])
     if f"rng/{source}/cuda" in chunks:

@@ -10,8 +10,10 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-from plait.config import OptimSection
+if TYPE_CHECKING:  # at runtime plait.config may import this package (to check `optim.name`)
+    from plait.config import OptimSection
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimSection) -> float:

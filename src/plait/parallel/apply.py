@@ -38,12 +38,12 @@ from torch import nn
 
 from plait.config import OptimSection, ParallelSection, TrainSection
 from plait.optim import build_optimizer
+from plait.optim.zero1 import Zero1Optimizer, build_zero1_optimizer
 from plait.parallel.activation_checkpoint import apply_activation_checkpointing
 from plait.parallel.data_parallel import apply_data_parallel
 from plait.parallel.expert_parallel import apply_expert_fully_shard, apply_expert_parallel, apply_global_load_balance, moe_layers
 from plait.parallel.mesh import Layout
 from plait.parallel.tensor_parallel import apply_tensor_parallel, clip_grad_norm_mixed
-from plait.parallel.zero1 import Zero1AdamW, build_zero1_optimizer
 
 if TYPE_CHECKING:
     from plait.parallel.pipeline_parallel import Pipeline
@@ -97,7 +97,7 @@ def apply_layout(model: nn.Module, train: TrainSection, parallel: ParallelSectio
 
 
 def _optimizer_averages_gradients(parallel: ParallelSection | None, layout: Layout | None) -> bool:
-    """ZeRO-1, or plain data parallelism with TP: Zero1AdamW reduces the gradients."""
+    """ZeRO-1, or plain data parallelism with TP: Zero1Optimizer reduces the gradients."""
     if parallel is None or layout is None or layout.mesh is None or layout.degrees.dp == 1:
         return False
     return parallel.zero_stage == 1 or (parallel.zero_stage == 0 and layout.degrees.tp > 1)
@@ -121,11 +121,11 @@ def build_grad_clipper(
     """`clip(max_norm)`: clip the step's gradients by their global 2-norm, return the norm.
 
     torch's clip_grad_norm_ cannot mix plain and DTensor gradients (tensor parallelism does);
-    Zero1AdamW holds the averaged gradients itself, in per-rank slices, so it clips them there.
+    Zero1Optimizer holds the averaged gradients itself, in per-rank slices, so it clips them there.
     """
     if pipeline is not None:  # the norm of the whole model: summed over the stages
         return lambda max_norm: pipeline.clip_grad_norm(model.parameters(), max_norm)
-    if isinstance(optimizer, Zero1AdamW):
+    if isinstance(optimizer, Zero1Optimizer):
         return optimizer.clip_grad_norm_
     clip = clip_grad_norm_mixed if tp else nn.utils.clip_grad_norm_
     return lambda max_norm: clip(model.parameters(), max_norm)

@@ -50,7 +50,7 @@ HOST_RESERVED = 0.10
 @dataclass(frozen=True)
 class _Tensor:
     """One parameter tensor as the model registers it: dim 0 (`rows`) times the rest (`cols`),
-    how tensor parallelism splits it, and whether it is a matrix (decayed, plait.optim.adamw)."""
+    how tensor parallelism splits it, and whether it is a matrix (decayed, plait.optim.groups)."""
 
     rows: int
     cols: int
@@ -336,7 +336,7 @@ def _model_states(
 
 
 def _zero1_optimizer_bytes(args: ModelArgs, layout: Layout, local: int) -> int:
-    """Zero1AdamW on the most loaded rank: an fp32 copy of its slice of the flat bucket
+    """ZeRO-1 AdamW on the most loaded rank: an fp32 copy of its slice of the flat bucket
     (ceil(P / N) elements, the bucket padded to a multiple of N), Adam moments for the part of
     the slice that holds parameters, and one step tensor per parameter group (matrices, then
     vectors, in bucket order) the slice overlaps."""

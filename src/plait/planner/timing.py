@@ -150,7 +150,7 @@ def estimate_time(workload: Workload, layout: Layout, cluster: Cluster) -> TimeE
         full = ring_time("all_reduce", dense_psi * grad_bytes, n_data, data_link)
         coll["dp_allreduce"] = full
         if layout.tp > 1:
-            # Under TP plait does not use DDP: Zero1AdamW with one shard all-reduces the flat
+            # Under TP plait does not use DDP: Zero1Optimizer with one shard all-reduces the flat
             # gradient bucket inside the optimizer step, after backward (apply.py): all exposed.
             exposed_data = full
         else:
