@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup demo test test-fast bench clean
 
-$(VENV)/.plait-installed: pyproject.toml scripts/setup.sh
+$(VENV)/.plait-installed: pyproject.toml scripts/setup.sh scripts/torch_install.py
 	VENV=$(VENV) bash scripts/setup.sh
 	touch $@
 
