@@ -104,27 +104,27 @@ def worker(overrides: list[str]) -> None:
     import torch
     import torch.distributed as dist
 
-    from plait.config import build_config, resolve_degrees, resolve_model_args, with_resolved_zero_stage
+    from plait.measure.comm_counter import CommCounter
     from plait.model import build_model, count_params, materialize
     from plait.parallel.apply import apply_layout, build_layout_optimizer
-    from plait.measure.comm_counter import CommCounter
     from plait.parallel.context_parallel import context_sharding
-    from plait.parallel.mesh import build_layout
+    from plait.parallel.mesh import build_mesh
     from plait.parallel.tensor_parallel import loss_parallel_context, tp_cross_entropy
+    from plait.validation import build_config, resolve_model_args, resolve_run
 
     dist.init_process_group("gloo")
     world = dist.get_world_size()
     cfg = build_config(None, ["--model.name=debug", f"--train.seq_len={SEQ_LEN}",
                               f"--train.global_batch_tokens={SEQ_LEN * BATCH}", *overrides], world_size=world)
-    cfg = with_resolved_zero_stage(cfg, world)
-    layout = build_layout(resolve_degrees(cfg.parallel, world), torch.device("cpu"))
+    lay = resolve_run(cfg, world).layout
+    mesh = build_mesh(lay, torch.device("cpu"))
     args = resolve_model_args(cfg.model, 256)
-    model = apply_layout(materialize(build_model(args), "cpu", 0), cfg.train, cfg.parallel, layout)
-    optimizer = build_layout_optimizer(model, cfg.optim, cfg.parallel, layout)
-    per_rank = BATCH // layout.degrees.dp
-    gen = torch.Generator().manual_seed(layout.dp_rank())
-    tp = layout.degrees.tp > 1
-    cp = context_sharding(layout.submesh("cp"), cfg.parallel.cp_method) if layout.degrees.cp > 1 else None
+    model = apply_layout(materialize(build_model(args), "cpu", 0), mesh, SEQ_LEN)
+    optimizer = build_layout_optimizer(model, cfg.optim, mesh)
+    per_rank = BATCH // lay.dp
+    gen = torch.Generator().manual_seed(mesh.dp_rank())
+    tp = lay.tp > 1
+    cp = context_sharding(mesh.submesh("cp"), lay.cp_method) if lay.cp > 1 else None
 
     def step() -> None:
         tokens = torch.randint(0, 256, (per_rank, SEQ_LEN + 1), generator=gen)
@@ -143,7 +143,7 @@ def worker(overrides: list[str]) -> None:
     if dist.get_rank() == 0:
         local = sum(tp_local_numel(p) for p in model.parameters())
         print("RESULT " + json.dumps({**counter.summary(), "params": count_params(args).total, "local_params": local,
-                                      "dp": layout.degrees.dp, "tp": layout.degrees.tp, "cp": layout.degrees.cp,
+                                      "dp": lay.dp, "tp": lay.tp, "cp": lay.cp,
                                       "cp_method": cfg.parallel.cp_method,
                                       "activation_checkpointing": cfg.train.activation_checkpointing,
                                       "layers": args.layers, "hidden": args.hidden, "heads": args.heads,

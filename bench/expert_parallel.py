@@ -44,25 +44,25 @@ def worker(overrides: list[str]) -> None:
     import torch
     import torch.distributed as dist
 
-    from plait.config import build_config, resolve_degrees, resolve_model_args
+    from plait.measure.comm_counter import CommCounter
     from plait.model import build_model, materialize, moe_layers
     from plait.parallel.apply import apply_layout, build_layout_optimizer
-    from plait.measure.comm_counter import CommCounter
-    from plait.parallel.mesh import build_layout
+    from plait.parallel.mesh import build_mesh
     from plait.parallel.tensor_parallel import tp_cross_entropy
+    from plait.validation import build_config, resolve_model_args, resolve_run
 
     dist.init_process_group("gloo")
     world = dist.get_world_size()
     cfg = build_config(None, ["--model.name=debug-moe", f"--train.seq_len={SEQ_LEN}",
                               f"--train.global_batch_tokens={SEQ_LEN * BATCH}", *overrides], world_size=world)
-    layout = build_layout(resolve_degrees(cfg.parallel, world), torch.device("cpu"))
+    mesh = build_mesh(resolve_run(cfg, world).layout, torch.device("cpu"))
     args = resolve_model_args(cfg.model, 256)
-    model = apply_layout(materialize(build_model(args), "cpu", 0), cfg.train, cfg.parallel, layout)
-    optimizer = build_layout_optimizer(model, cfg.optim, cfg.parallel, layout)
-    per_rank = BATCH // layout.degrees.dp
-    gen = torch.Generator().manual_seed(layout.dp_rank())
-    ep = layout.degrees.ep
-    ep_group_ranks = dist.get_process_group_ranks(layout.ep_mesh()["ep"].get_group())
+    model = apply_layout(materialize(build_model(args), "cpu", 0), mesh, SEQ_LEN)
+    optimizer = build_layout_optimizer(model, cfg.optim, mesh)
+    per_rank = BATCH // mesh.layout.dp
+    gen = torch.Generator().manual_seed(mesh.dp_rank())
+    ep = mesh.layout.ep
+    ep_group_ranks = dist.get_process_group_ranks(mesh.ep_mesh()["ep"].get_group())
     local = args.moe_experts // ep
 
     routed: list[list[int]] = []  # per MoE layer: this rank's assignments per expert

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from plait.checkpoint import save_model_tensors
-from plait.checkpoint.state import gather_model
+from plait.parallel.gather import gather_model
 from plait.cli import parse_size
 from plait.config import Config
 from plait.model import NAMED_SIZES, build_model, materialize
-from plait.trainer.setup import resolved_config
+from plait.trainer.record import resolved_config
 
 CHILD = """
 import json, sys

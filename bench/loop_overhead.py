@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import plait
-from plait.config import build_config, resolve_model_args
+from plait.validation import build_config, resolve_model_args
 from plait.data import TrainLoader, build_data
 from plait.model import build_model, materialize
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import plait
-from plait.config import build_config, resolve_model_args
+from plait.validation import build_config, resolve_model_args
 from plait.hardware import peak_flops
 from plait.model import count_params, flops_per_token
 

@@ -153,15 +153,15 @@ def worker(steps: int, out_path: str, stage_cost: str, sleep_ms: float, microbat
     import torch
     import torch.distributed as dist
 
-    from plait.config import Degrees
+    from plait.layout import Layout
     from plait.model import ModelArgs, build_model, materialize
-    from plait.parallel.mesh import build_layout
+    from plait.parallel.mesh import build_mesh
     from plait.parallel.pipeline_parallel import Pipeline, split_for_rank
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, p = dist.get_rank(), dist.get_world_size()
-    layout = build_layout(Degrees(dp_replicate=1, dp_shard=1, tp=1, pp=p), torch.device("cpu"))
+    meshes: dict = {}  # one mesh per number of virtual stages (the layout carries it)
     layers, hidden, seq_len, micro = MODEL[stage_cost]
     vocab = 512 if stage_cost == "compute" else 64
     heads = 4 if stage_cost == "compute" else 2
@@ -172,7 +172,9 @@ def worker(steps: int, out_path: str, stage_cost: str, sleep_ms: float, microbat
             continue
         args = ModelArgs(layers=layers or p * v, hidden=hidden, heads=heads, kv_heads=heads, vocab=vocab, ffn_hidden=4 * hidden)
         model = materialize(build_model(args), "cpu", seed=0)
-        split_for_rank(model, layout, v, seq_len)
+        if v not in meshes:
+            meshes[v] = build_mesh(Layout(pp=p, pp_virtual_stages=v), torch.device("cpu"))
+        split_for_rank(model, meshes[v], seq_len)
         pipeline = Pipeline(model, schedule, m, torch.device("cpu"), tp=False)
         batch = torch.randint(0, vocab, (m * micro, seq_len + 1), generator=torch.Generator().manual_seed(1))
         clock, calls = [0.0, 0.0], []

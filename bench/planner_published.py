@@ -68,7 +68,7 @@ from plait.model.flops import count_params, flops_per_token
 from plait.model.sizes import NAMED_SIZES, ModelArgs
 from plait.planner.memory import estimate_memory
 from plait.planner.timing import estimate_time
-from plait.planner.types import Layout, Workload
+from plait.layout import Layout, Workload
 
 GIB = 2**30
 MEGATRON = "Megatron-LM SC21 (arXiv:2104.04473) Table 1; MBS/virtual stages: NVIDIA/Megatron-LM examples/sc21/run_table_1.sh"

@@ -8,7 +8,8 @@
 """
 
 from plait.api import LoadedRun, load, train
-from plait.config import Config, ConfigError, build_config, load_toml
+from plait.config import Config, ConfigError, load_toml
+from plait.validation import build_config
 
 from plait._version import __version__
 

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from plait.config import Config, build_config, resolve_model_args
+from plait.config import Config
+from plait.validation import ResolvedRun, build_config, resolve_model_args, resolve_run, validate
 
 if TYPE_CHECKING:
     from plait.model import Transformer
@@ -16,9 +17,10 @@ if TYPE_CHECKING:
 def train(config: Config | None = None, **overrides: object) -> "TrainResult":
     """Train the run `config` describes (default: the built-in default run).
 
-    Keyword overrides use "section__key" names: `plait.train(train__steps=100)`. With
-    `parallel.auto = true` the layout is planned first for the job's workers (`plan_for_job`;
-    under a torchrun of several workers that needs `parallel.cluster_profile`).
+    Keyword overrides use "section__key" names: `plait.train(train__steps=100)`. The config is
+    validated here, once, for the job's workers (one process, or each worker of a torchrun job);
+    with `parallel.auto = true` the layout is planned first (`plan_for_job`; under a torchrun of
+    several workers that needs `parallel.cluster_profile`).
     """
     from plait.config import set_value
     from plait.trainer import train as run_training
@@ -26,18 +28,20 @@ def train(config: Config | None = None, **overrides: object) -> "TrainResult":
     cfg = config if config is not None else Config()
     for key, value in overrides.items():
         set_value(cfg, key.replace("__", "."), value)
-    if cfg.parallel.auto:
-        cfg = _planned(cfg)
-    return run_training(cfg)  # validates, against the job's worker count too
+    return run_training(resolve_for_job(cfg))
 
 
-def _planned(cfg: Config) -> Config:
-    """`cfg` with the layout the planner chose for this job; rank 0 prints it and writes plan.txt."""
-    from plait.config import validate
-    from plait.parallel.distributed import launched_local_world_size, launched_rank, launched_world_size
-    from plait.autoplan import plan_for_job
+def resolve_for_job(cfg: Config) -> "ResolvedRun":
+    """`cfg` validated and resolved for the job this process is part of (torchrun's WORLD_SIZE
+    workers, or one), its layout planned first when `parallel.auto` is on; rank 0 then prints
+    the plan and writes plan.txt."""
+    from plait.parallel.job import launched_local_world_size, launched_rank, launched_world_size
 
     world = launched_world_size()
+    if not cfg.parallel.auto:
+        return resolve_run(cfg, world)
+    from plait.autoplan import plan_for_job
+
     validate(cfg, world)  # every other key first, so that a bad one is named as such
     if world == 1:  # before the plan writes into run.dir (under torchrun, a restart must resume)
         from plait.checkpoint import refuse_checkpoints_without_resume
@@ -46,7 +50,7 @@ def _planned(cfg: Config) -> Config:
     planned = plan_for_job(cfg, world, launched_local_world_size(), shared=world > 1)
     if launched_rank() == 0:
         planned.write(echo=cfg.run.progress != "none")
-    return planned.config
+    return planned.run
 
 
 @dataclass

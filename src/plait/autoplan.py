@@ -14,8 +14,9 @@ checkpointing) come from the best layout that fits, on
   (`QUICK_*` below) and written to `RUN_DIR/cluster.toml`, where the next start of the run finds
   it again while its worker count matches (so a resumed run plans the same layout).
 
-The keys the user set are pins (`pinned_keys`). The answer is checked by `plait train`'s own
-`validate` before any worker starts; the chosen layout is what the run records (`auto = false`).
+The keys the user set are pins (`pinned_keys`). The answer is resolved by `plait train`'s own
+`resolve_run` before any worker starts (`AutoPlan.run`, what the trainer takes); the chosen layout
+is what the run records (`auto = false`).
 
 torch is imported only by `_calibrate_here` (its workers) and `on_gpu` (asks whether CUDA is there).
 """
@@ -30,13 +31,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from plait.config import Config, ConfigError, ParallelSection, TrainSection, override_args, set_value, validate
+from plait.config import Config, ConfigError, ParallelSection, TrainSection, set_value
 from plait.hardware.devices import Cluster
 from plait.hardware.profile import load_profile
+from plait.validation import ResolvedRun, resolve_run
 from plait.planner import workload_from_config
 from plait.planner import explain
 from plait.planner.search import PlanError, plan
-from plait.planner.types import Candidate, Workload
+from plait.layout import Workload
+from plait.planner.types import Candidate
 
 PROFILE_NAME = "cluster.toml"  # in the run directory, when measured at start-up
 PLAN_NAME = "plan.txt"  # in the run directory: the explanation of the choice
@@ -61,6 +64,9 @@ PARALLEL_PINS = {
     "cp_method": "cp_method", "ep_degree": "ep",
 }
 TRAIN_PINS = {"micro_batch_size": "micro_batch_size", "activation_checkpointing": "activation_checkpointing"}
+# train.compile = true is a pin the plan keeps but never sets: the layouts it does not compose with
+# (tensor parallelism, the zero-bubble schedule, experts) are left out of the search.
+COMPILE_PIN = {"compile": "compile"}
 # Set by the plan from the rest: bf16 sharded parameters follow the precision and the ZeRO stage,
 # the pipeline's micro-batches follow train.micro_batch_size.
 PLANNED_ONLY = {
@@ -74,7 +80,7 @@ FILLS = ("dp_replicate_degree", "dp_shard_degree")  # -1 fills the world: not a 
 class AutoPlan:
     """The planner's answer for one job: the config to train, and what it was chosen from."""
 
-    config: Config  # the resolved config: [parallel] and the layout's [train] keys filled, auto = false
+    run: ResolvedRun  # the resolved config ([parallel] and the layout's [train] keys filled, auto = false) and layout
     candidates: list[Candidate]  # the best TOP layouts, best first (all fit)
     workload: Workload
     cluster: Cluster  # the profile as the job sees it (its workers)
@@ -84,6 +90,10 @@ class AutoPlan:
     @property
     def chosen(self) -> Candidate:
         return self.candidates[0]
+
+    @property
+    def config(self) -> Config:
+        return self.run.config
 
     def context(self) -> str:
         how = "measured at start-up" if self.calibrated else "profile"
@@ -143,14 +153,15 @@ def pinned_keys(cfg: Config) -> dict[str, Any]:
                               f"parallel.{key}, or set parallel.auto = false and give the whole layout")
     pins = {f"parallel.{key}": getattr(cfg.parallel, key) for key in PARALLEL_PINS
             if getattr(cfg.parallel, key) != getattr(parallel, key) and not (key in FILLS and getattr(cfg.parallel, key) == -1)}
-    pins.update({f"train.{key}": getattr(cfg.train, key) for key in TRAIN_PINS
+    pins.update({f"train.{key}": getattr(cfg.train, key) for key in {**TRAIN_PINS, **COMPILE_PIN}
                  if getattr(cfg.train, key) != getattr(train, key)})
     return pins
 
 
 def planner_pins(pins: dict[str, Any]) -> dict[str, Any]:
     """Config pins ("parallel.tp_degree") as the planner's (`tp`)."""
-    names = {**{f"parallel.{k}": v for k, v in PARALLEL_PINS.items()}, **{f"train.{k}": v for k, v in TRAIN_PINS.items()}}
+    names = {**{f"parallel.{k}": v for k, v in PARALLEL_PINS.items()},
+             **{f"train.{k}": v for k, v in {**TRAIN_PINS, **COMPILE_PIN}.items()}}
     return {names[key]: value for key, value in pins.items()}
 
 
@@ -223,13 +234,12 @@ def plan_for_job(cfg: Config, world_size: int, local_workers: int | None = None,
             f"device and its memory are from parallel.cluster_profile = {str(profile_path)!r}."
         )
     resolved = _resolved(cfg, cands[0], pins, profile_path)
-    try:
-        validate(resolved, world_size)
-    except ConfigError as err:  # the search restates these rules; a difference is a planner bug
+    try:  # the fields were checked before planning; the layout is resolved as plait train resolves it
+        run = resolve_run(resolved, world_size, fields_checked=True)
+    except ConfigError as err:  # the search keeps what the same rules accept: a difference is a planner bug
         raise ConfigError(f"parallel.auto = true chose {cands[0].layout.short()}, which plait train refuses: {err}; "
                           f"please report it, and pin the layout meanwhile (e.g. with `plait plan --write`)") from None
-    return AutoPlan(config=resolved, candidates=cands, workload=workload, cluster=cluster, pins=pins,
-                    calibrated=calibrated)
+    return AutoPlan(run=run, candidates=cands, workload=workload, cluster=cluster, pins=pins, calibrated=calibrated)
 
 
 def _resolved(cfg: Config, best: Candidate, pins: dict[str, Any], profile_path: Path) -> Config:
@@ -244,15 +254,6 @@ def _resolved(cfg: Config, best: Candidate, pins: dict[str, Any], profile_path: 
     for key, value in values.items():
         set_value(out, key, value)
     return out
-
-
-def worker_overrides(planned: AutoPlan) -> list[str]:
-    """The chosen layout as command-line overrides for the workers (appended last, so they win),
-    with parallel.auto = false so that no worker plans again."""
-    cfg = planned.config
-    keys = [f"parallel.{k}" for k in planned.chosen.layout.parallel_section()]
-    keys += [f"train.{k}" for k in TRAIN_PINS] + ["parallel.cluster_profile", "parallel.auto"]
-    return override_args({key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in keys})
 
 
 def _profile(cfg: Config, local: int, shared: bool, gpu: bool) -> tuple[Path, Cluster, bool]:

@@ -13,11 +13,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from plait.config import Config, ConfigError, build_config, parse_overrides, to_toml
+from plait.config import ConfigError, parse_config, to_toml
 from plait.launch import DEFAULT_MAX_RESTARTS
+from plait.validation import build_config
+
+if TYPE_CHECKING:
+    from plait.trainer import TrainResult
+    from plait.validation import ResolvedRun
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,7 +125,6 @@ def parse_layout_pins(text: str) -> dict[str, object]:
 def _cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     import json
 
-    from plait.config import Config, load_toml, set_value
     from plait.planner import model_keys, workload_from_config
     from plait.planner import explain
     from plait.planner.search import PlanError, plan
@@ -129,9 +136,7 @@ def _cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
             raise ConfigError(f"--workers = {args.workers} must be at least 1")
         main_calibrate(args.workers, Path(args.out))
         return 0
-    cfg = load_toml(args.config) if args.config else Config()
-    for key, value in parse_overrides(overrides):
-        set_value(cfg, key, value)
+    cfg = parse_config(args.config, overrides)
     if args.cluster:
         from plait.hardware.profile import load_profile
 
@@ -183,49 +188,68 @@ def _cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from plait.launch import RESOLVED_RUN_ENV
+    from plait.parallel.job import launched_world_size
+
+    resolved = os.environ.get(RESOLVED_RUN_ENV)
+    if resolved:  # a worker of `plait train --nproc-per-node`: its launcher validated and resolved the run
+        from plait.trainer import train as run_training
+        from plait.validation import ResolvedRun
+
+        return _done(run_training(ResolvedRun.from_json(resolved)))
+    if args.nproc_per_node is not None and launched_world_size() == 1:
+        return _launch(args, overrides)
+    # One process, or each worker of an external torchrun: this process is the entry point.
+    # parallel.auto = true: plait.api.train plans (in every worker under an external torchrun).
     from plait.api import train
 
-    from plait.parallel.distributed import launched_world_size
+    return _done(train(parse_config(args.config, overrides)))
 
-    world_size = launched_world_size()  # > 1 inside a worker that torchrun started
-    if args.nproc_per_node is not None and world_size == 1:
-        from plait.launch import launch
 
-        # Every rule is checked here, before any worker starts.
-        world = args.nproc_per_node * args.nnodes
-        cfg = build_config(args.config, overrides, world_size=world)
-        from plait.parallel.distributed import check_gpus_per_node
-
-        check_gpus_per_node(cfg.train.device, args.nproc_per_node)
-        workers = _restartable(cfg, overrides)
-        if cfg.parallel.auto:
-            # Planned once, here; the workers get the layout and parallel.auto = false. Each node's
-            # launcher plans for itself, so several nodes need one profile (plan_for_job says so).
-            from plait.autoplan import plan_for_job, worker_overrides
-
-            planned = plan_for_job(cfg, world, args.nproc_per_node, shared=args.nnodes > 1)
-            planned.write(echo=cfg.run.progress != "none")
-            workers += worker_overrides(planned)
-        return launch(args, workers)
-    # parallel.auto = true: plait.api.train plans (in every worker under an external torchrun).
-    cfg = build_config(args.config, overrides, world_size=world_size)
-    result = train(cfg)
+def _done(result: "TrainResult") -> int:
     if result.rank == 0:
         val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
         print(f"done: step {result.step}, val_loss {val}, run dir {result.run_dir}")
     return 0
 
 
-def _restartable(cfg: Config, overrides: list[str]) -> list[str]:
-    """The workers' overrides. `checkpoint.resume = false` guards a new run against a directory
-    that holds checkpoints: checked here, once, so that a restart of this job (torchrun's
-    --max-restarts) resumes from the checkpoints the job itself wrote instead of refusing them."""
-    if cfg.checkpoint.resume:
-        return overrides
-    from plait.checkpoint import refuse_checkpoints_without_resume
+def _launch(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Validate and resolve the run once, here, for every worker of the job, then start them with
+    it (they check nothing again). With parallel.auto the layout is planned here once; each
+    node's launcher plans for itself, so several nodes need one profile (plan_for_job says so)."""
+    from plait.launch import launch
+    from plait.parallel.job import check_gpus_per_node
+    from plait.validation import resolve_run, validate
 
-    refuse_checkpoints_without_resume(cfg.run_dir, resume=False)
-    return [*overrides, "--checkpoint.resume=true"]
+    world = args.nproc_per_node * args.nnodes
+    cfg = parse_config(args.config, overrides)
+    if cfg.parallel.auto:
+        validate(cfg, world)  # the fields and the pins; the layout is planned below
+    else:
+        resolved = resolve_run(cfg, world)
+    check_gpus_per_node(cfg.train.device, args.nproc_per_node)
+    if not cfg.checkpoint.resume:  # before a plan or a measured profile is written into run.dir
+        from plait.checkpoint import refuse_checkpoints_without_resume
+
+        refuse_checkpoints_without_resume(cfg.run_dir, resume=False)
+    if cfg.parallel.auto:
+        from plait.autoplan import plan_for_job
+
+        planned = plan_for_job(cfg, world, args.nproc_per_node, shared=args.nnodes > 1)
+        planned.write(echo=cfg.run.progress != "none")
+        resolved = planned.run
+    return launch(args, restartable(resolved))
+
+
+def restartable(resolved: "ResolvedRun") -> "ResolvedRun":
+    """The run the workers get. `checkpoint.resume = false` guards a new run against a directory
+    that holds checkpoints: checked by the launcher, once, so that a restart of this job
+    (torchrun's --max-restarts) resumes from the checkpoints the job itself wrote instead of
+    refusing them."""
+    cfg = resolved.config
+    if cfg.checkpoint.resume:
+        return resolved
+    return resolved.replace_config(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=True)))
 
 
 def _cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:

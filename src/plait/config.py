@@ -1,7 +1,9 @@
 """The config tree: one dataclass per section, TOML files, `--section.key=value` overrides.
 
-Every user-facing check lives here and runs before any model, data or worker is built, so a bad
-value fails in a second with a message that names the field, the value and the fix.
+Plain data and parsing: a wrong key or a value of the wrong type is refused here, naming the
+nearest valid key or the expected type. Every other rule is checked by `plait.validation` (the
+fields' ranges, the model's shape, and the layout through `plait.layout`), once, before any
+model, data or worker is built; `plait.validation.build_config` is parse + validate.
 """
 
 from __future__ import annotations
@@ -16,14 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from plait.errors import ConfigError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - python 3.10
     import tomli as tomllib
-
-
-class ConfigError(ValueError):
-    """A user mistake in the config: the message names the field, the value and the fix."""
 
 
 @dataclass
@@ -113,7 +113,8 @@ class TrainSection:
 class OptimSection:
     """Optimizer and learning-rate schedule."""
 
-    name: Literal["adamw"] = "adamw"
+    # A name of plait.optim.OPTIMIZERS (docs/training.md lists them).
+    name: str = "adamw"
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
@@ -382,14 +383,12 @@ def override_args(values: dict[str, Any]) -> list[str]:
             for key, value in values.items()]
 
 
-def build_config(
-    config_file: str | None = None, overrides: list[str] | None = None, world_size: int | None = None
-) -> Config:
-    """A validated Config from an optional TOML file and command-line overrides (later wins)."""
+def parse_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """A Config from an optional TOML file and command-line overrides (later wins), parsed and
+    typed but not validated (`plait.validation.build_config` validates too)."""
     cfg = load_toml(config_file) if config_file else Config()
     for key, value in parse_overrides(overrides or []):
         set_value(cfg, key, value)
-    validate(cfg, world_size)
     return cfg
 
 
@@ -412,16 +411,3 @@ def to_toml(data: dict[str, dict[str, Any]]) -> str:
         lines.extend(f"{key} = {fmt(value)}" for key, value in values.items())
         lines.append("")
     return "\n".join(lines)
-
-
-# The checks live in their own module; they are part of this module's interface.
-from plait.config_checks import (  # noqa: E402, F401
-    Degrees,
-    micro_batch_size,
-    resolve_degrees,
-    resolve_model_args,
-    resolve_zero_stage,
-    validate,
-    validate_layout,
-    with_resolved_zero_stage,
-)

@@ -1,7 +1,9 @@
 """`plait train --nproc-per-node N`: start N workers through PyTorch's elastic launcher.
 
-The workers run `python -m plait train` with the same config arguments, as if started by
-`torchrun ... -m plait train ...` (which works too, with torchrun's own rendezvous and addresses).
+The launcher validates and resolves the run once (`plait.cli`); the workers run `python -m plait
+train` and take that run from the environment (`RESOLVED_RUN_ENV`), checking nothing again. A job
+started by `torchrun ... -m plait train --config ...` works too, with torchrun's own rendezvous
+and addresses: each of its workers is then an entry point that validates for itself.
 The agent is torchrun's, run as `python -m plait.launch_agent` (see there for why):
 
 - One node (no `--rdzv-endpoint`): plait's loopback rendezvous. The store of the agent and the
@@ -25,6 +27,10 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from plait.validation import ResolvedRun
 
 # One restart recovers from a one-off failure (a worker killed by the OOM killer or a scheduler,
 # a lost process) at the cost of the steps since the last checkpoint; a failure that repeats (a bug,
@@ -34,6 +40,10 @@ DEFAULT_MAX_RESTARTS = 1
 LOOPBACK = "127.0.0.1"
 LOOPBACK_BACKEND = "plait-loopback"  # the rendezvous handler in plait.launch_agent
 _IFF_LOOPBACK = 0x8  # linux/if.h
+# The run the launcher validated and resolved (`plait.validation.ResolvedRun.to_json`), for its
+# workers: they train it without checking or deriving anything again. Restarts of the worker
+# group (torchrun's --max-restarts) inherit it.
+RESOLVED_RUN_ENV = "PLAIT_RESOLVED_RUN"
 
 
 def loopback_interface() -> str:
@@ -59,7 +69,7 @@ def launch_env(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, s
     return env
 
 
-def torchrun_command(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+def torchrun_command(args: argparse.Namespace) -> list[str]:
     cmd = [sys.executable, "-m", "plait.launch_agent"]
     if args.rdzv_endpoint:
         cmd.append(f"--host-store={args.rdzv_endpoint}")
@@ -72,14 +82,15 @@ def torchrun_command(args: argparse.Namespace, overrides: list[str]) -> list[str
         cmd += [f"--rdzv-backend={LOOPBACK_BACKEND}", f"--rdzv-endpoint={LOOPBACK}"]
     else:
         raise SystemExit("plait train: --nnodes > 1 needs --rdzv-endpoint HOST:PORT (a host every node can reach)")
-    cmd += ["-m", "plait", "train"]
-    if args.config:
-        cmd += ["--config", args.config]
-    return cmd + list(overrides)
+    # No config arguments: the workers get the run the launcher resolved (RESOLVED_RUN_ENV).
+    return cmd + ["-m", "plait", "train"]
 
 
-def launch(args: argparse.Namespace, overrides: list[str]) -> int:
-    with subprocess.Popen(torchrun_command(args, overrides), env=launch_env(args, dict(os.environ))) as agent:
+def launch(args: argparse.Namespace, resolved: "ResolvedRun") -> int:
+    """Start the job's workers (through torchrun's agent) with the validated, resolved run."""
+    env = launch_env(args, dict(os.environ))
+    env[RESOLVED_RUN_ENV] = resolved.to_json()
+    with subprocess.Popen(torchrun_command(args), env=env) as agent:
         try:
             return agent.wait()
         except KeyboardInterrupt:  # the agent got the same Ctrl-C: let it stop its workers first

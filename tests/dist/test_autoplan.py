@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 
-from plait.config import load_toml, resolve_degrees
+from plait.config import load_toml
 from plait.hardware.devices import Cluster, Device, Link
 from plait.hardware.profile import write_profile
-from plait.planner.types import Layout
+from plait.validation import resolve_run
 
 from .layouts import BASE, plait_cli
 
@@ -30,14 +30,8 @@ def test_auto_plans_at_start_up_and_trains_the_choice(tmp_path):
     assert out.stdout.count("parallel.auto: planned for 2 worker(s)") == 1  # by the launcher, not the workers
     saved = load_toml(run_dir / "config.toml")  # what the workers ran
     assert not saved.parallel.auto and saved.parallel.cluster_profile == str(profile)
-    p, t = saved.parallel, saved.train
-    degrees = resolve_degrees(p, 2)
-    ran = Layout(pp=degrees.pp, dp_replicate=degrees.dp_replicate, dp_shard=degrees.dp_shard, cp=degrees.cp,
-                 tp=degrees.tp, ep=degrees.ep, zero_stage=p.zero_stage, sequence_parallel=p.sequence_parallel,
-                 micro_batch_size=t.micro_batch_size, activation_checkpointing=t.activation_checkpointing,
-                 pp_schedule=p.pp_schedule, pp_virtual_stages=p.pp_virtual_stages, cp_method=p.cp_method,
-                 cpu_offload=p.cpu_offload)
-    assert degrees.world == 2 and chosen == f"chosen: {ran.short()}"
+    ran = resolve_run(saved, 2).layout
+    assert ran.world == 2 and chosen == f"chosen: {ran.short()}"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
 

@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from .spawn import run_cases, run_on_ranks
-from plait.parallel.context_parallel import context_parallel_problems, shard_positions
+from plait.layout.rules import context_parallel_problem
+from plait.parallel.context_parallel import shard_positions
 
 WORLD = 4
 # name -> (cp degree, method, heads, kv heads, sequence length, dtype, CPU kernel)
@@ -152,15 +153,19 @@ def test_ring_positions_balance_causal_work() -> None:
 
 
 def test_problems_name_fields_and_fixes() -> None:
-    assert context_parallel_problems(2, 2, "ring", 64) == []
-    assert context_parallel_problems(2, 1, "ulysses", 63) == []
-    text = " | ".join(context_parallel_problems(2, 4, "ring", 60))
-    assert "train.seq_len = 60 is not divisible by 2 x parallel.cp_degree = 8" in text and "train.seq_len = 56" in text
-    text = " | ".join(context_parallel_problems(2, 4, "ulysses", 64))
-    assert "model.kv_heads = 2 is not divisible by parallel.cp_degree = 4" in text
-    assert "parallel.cp_degree in [1, 2]" in text and 'parallel.cp_method = "ring"' in text
-    text = " | ".join(context_parallel_problems(4, 4, "ulysses", 66))
-    assert "train.seq_len = 66 is not divisible by parallel.cp_degree = 4" in text and "kv_heads" not in text
+    def text(kv_heads: int, cp: int, method: str, seq_len: int) -> str:
+        found = context_parallel_problem(seq_len, kv_heads, cp, method)
+        return found.message if found is not None else ""
+
+    assert text(2, 2, "ring", 64) == ""
+    assert text(2, 1, "ulysses", 63) == ""
+    said = text(2, 4, "ring", 60)
+    assert "train.seq_len = 60 is not divisible by 2 x parallel.cp_degree = 8" in said and "train.seq_len = 56" in said
+    said = text(2, 4, "ulysses", 64)
+    assert "model.kv_heads = 2 is not divisible by parallel.cp_degree = 4" in said
+    assert "parallel.cp_degree in [1, 2]" in said and 'parallel.cp_method = "ring"' in said
+    said = text(4, 4, "ulysses", 66)
+    assert "train.seq_len = 66 is not divisible by parallel.cp_degree = 4" in said and "kv_heads" not in said
 
 
 def _resume_from_step_10(run_dir: Path, nproc: int, overrides: list[str]) -> list[float]:

@@ -22,7 +22,7 @@ CASES = {
 
 
 def _run(rank: int) -> dict:
-    from plait.parallel.distributed import DistInfo
+    from plait.parallel.job import DistInfo
     from plait.trainer.nan_guard import NanGuard
 
     guard = NanGuard("stop", DistInfo(rank=rank, world_size=WORLD, local_rank=rank, device=torch.device("cpu")))

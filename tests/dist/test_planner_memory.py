@@ -49,34 +49,28 @@ ACT_CASES = {
 }
 
 
-def _sections(degrees: tuple, zero: int, seq: int, sequences: int, micro: int, **knobs):
-    from plait.config import ParallelSection, TrainSection
+def _layout(degrees: tuple, zero: int, micro: int, **knobs):
+    from plait.layout import Layout
 
     dp_r, dp_s, tp, pp, cp, ep = degrees
-    parallel = ParallelSection(
-        dp_replicate_degree=dp_r, dp_shard_degree=dp_s, zero_stage=zero, tp_degree=tp, pp_degree=pp,
-        cp_degree=cp, ep_degree=ep, sequence_parallel=knobs.get("sequence_parallel", False),
-        cp_method=knobs.get("cp_method", "ring"),
-    )
-    train = TrainSection(seq_len=seq, global_batch_tokens=seq * sequences, micro_batch_size=micro, dtype="fp32",
-                         activation_checkpointing=knobs.get("activation_checkpointing", False))
-    return parallel, train
+    return Layout(pp=pp, dp_replicate=dp_r, dp_shard=dp_s, cp=cp, tp=tp, ep=ep, zero_stage=zero,
+                  sequence_parallel=knobs.get("sequence_parallel", False), micro_batch_size=micro,
+                  activation_checkpointing=knobs.get("activation_checkpointing", False),
+                  cp_method=knobs.get("cp_method", "ring"))
 
 
-def _build(name: str, vocab: int, degrees: tuple, zero: int, parallel, train):
-    from plait.config import Degrees
+def _build(name: str, vocab: int, layout, seq: int):
+    from plait.config import OptimSection
     from plait.model import build_model, materialize
     from plait.parallel.apply import apply_layout, build_layout_optimizer
-    from plait.parallel.mesh import build_layout
-    from plait.config import OptimSection
+    from plait.parallel.mesh import build_mesh
 
-    dp_r, dp_s, tp, pp, cp, ep = degrees
-    layout = build_layout(Degrees(dp_replicate=dp_r, dp_shard=dp_s, tp=tp, pp=pp, cp=cp, ep=ep), torch.device("cpu"))
+    mesh = build_mesh(layout, torch.device("cpu"))
     args = NAMED_SIZES[name].replace(vocab=vocab)
     module = materialize(build_model(args), "cpu", 1234)
-    model = apply_layout(module, train, parallel, layout)
-    optimizer = build_layout_optimizer(model, OptimSection(), parallel, layout)
-    return args, layout, module, model, optimizer
+    model = apply_layout(module, mesh, seq)
+    optimizer = build_layout_optimizer(model, OptimSection(), mesh)
+    return args, mesh, module, model, optimizer
 
 
 def _bytes(tensors) -> int:
@@ -117,17 +111,16 @@ def _measure_states(rank: int, case: str) -> dict:
     from plait.parallel.data_parallel import gradient_sync
     from plait.parallel.tensor_parallel import loss_parallel_context
     from plait.planner.memory import estimate_memory_by_stage
-    from plait.planner.types import Layout, Workload
-    from plait.trainer.loop import lm_loss
+    from plait.layout import Layout, Workload
+    from plait.parallel.step import lm_loss
 
     name, vocab, degrees, zero, world = STATE_CASES[case]
     dp_r, dp_s, tp, pp, cp, ep = degrees
-    parallel, train = _sections(degrees, zero, SEQ, SEQUENCES, MICRO)
-    args, layout, module, model, optimizer = _build(name, vocab, degrees, zero, parallel, train)
+    args, mesh, module, model, optimizer = _build(name, vocab, _layout(degrees, zero, MICRO), SEQ)
     dp = dp_r * dp_s
     gen = torch.Generator().manual_seed(7)
     batch = torch.randint(0, vocab, (SEQUENCES, SEQ + 1), generator=gen)
-    mine = batch.chunk(dp)[layout.dp_rank()]
+    mine = batch.chunk(dp)[mesh.dp_rank()]
     if pp > 1:
         from plait.parallel.pipeline_parallel import Pipeline
 
@@ -138,7 +131,7 @@ def _measure_states(rank: int, case: str) -> dict:
             with gradient_sync(model, i == len(micros) - 1), loss_parallel_context(tp > 1):
                 (lm_loss(model, micro, torch.autocast("cpu", enabled=False)) / len(micros)).backward()
     grads_backward = _bytes(_grad_tensors(module, optimizer))
-    build_grad_clipper(module, optimizer, tp > 1 or ep > 1)(1.0)
+    build_grad_clipper(module, optimizer, mesh.layout)(1.0)
     optimizer.step()
     measured = {
         "parameters": _bytes(module.parameters()),
@@ -148,7 +141,7 @@ def _measure_states(rank: int, case: str) -> dict:
     # Per pipeline rank, the most loaded of its ranks on the other axes (cases of fewer ranks
     # than the spawn run the same on every rank).
     everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (layout.coordinate("pp"), measured))
+    dist.all_gather_object(everyone, (mesh.coordinate("pp"), measured))
     most = [max((m for r, m in everyone if r == stage), key=lambda m: sum(m.values())) for stage in range(pp)]
     workload = Workload(args, SEQ, SEQUENCES, dtype="fp32")
     plan = Layout(pp=pp, dp_replicate=dp_r, dp_shard=dp_s, cp=cp, tp=tp, ep=ep, zero_stage=zero,
@@ -160,22 +153,21 @@ def _measure_states(rank: int, case: str) -> dict:
 def _measure_activations(rank: int, case: str) -> dict:
     """Saved-tensor bytes of one micro-batch's forward on this rank, and the prediction."""
     from plait.planner.memory import estimate_memory
-    from plait.planner.types import Layout, Workload
+    from plait.layout import Layout, Workload
     from plait.parallel.tensor_parallel import loss_parallel_context
-    from plait.trainer.loop import lm_loss
+    from plait.parallel.step import lm_loss
     from torch.distributed.tensor import DTensor
 
     knobs = dict(ACT_CASES[case])
     world = knobs.pop("world")
     tp, cp = knobs.get("tp", 1), knobs.get("cp", 1)
     degrees = (1, 1, tp, 1, cp, 1)
-    parallel, train = _sections(degrees, 0, ACT_SEQ, ACT_MICRO, ACT_MICRO, **knobs)
-    args, layout, module, model, _ = _build("tiny", 256, degrees, 0, parallel, train)
+    args, mesh, module, model, _ = _build("tiny", 256, _layout(degrees, 0, ACT_MICRO, **knobs), ACT_SEQ)
     cp_sharding = None
     if cp > 1:
         from plait.parallel.context_parallel import context_sharding
 
-        cp_sharding = context_sharding(layout.submesh("cp"), parallel.cp_method)
+        cp_sharding = context_sharding(mesh.submesh("cp"), mesh.layout.cp_method)
 
     def storage(t: torch.Tensor):
         # Unwrap DTensors and functional collectives' async results to the tensor holding memory.

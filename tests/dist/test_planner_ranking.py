@@ -20,7 +20,7 @@ from plait.measure.step_time import measure_step_time, spearman
 from plait.planner import workload_from_config
 from plait.planner.search import enumerate_layouts
 from plait.planner.timing import estimate_time
-from plait.planner.types import Layout
+from plait.layout import Layout
 
 LAYOUTS = [
     Layout(dp_replicate=2, micro_batch_size=4, mixed_precision=False),

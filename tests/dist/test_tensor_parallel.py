@@ -4,7 +4,7 @@ One spawn of two CPU workers runs every layout (plain TP, TP+SP, the GELU MLP, t
 of the `debug` model (vocab 256, fp32): the first loss, every gradient (gathered with
 `.full_tensor()`) and the losses of 3 AdamW steps must equal the single-process model's. Rank 0
 writes the numbers to a JSON file and the tests compare them, one test per layout. The shape
-checks of `tensor_parallel_problems` are pure and run without processes.
+rules (plait.layout.rules) are pure and run without processes.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from .spawn import run_cases, run_on_ranks
+from plait.layout import Layout, Workload, layout_problem
 from plait.model import NAMED_SIZES, build_model
 from plait.parallel.tensor_parallel import (
     SEQUENCE_PARALLEL_PLAN,
     TENSOR_PARALLEL_PLAN,
     build_parallelize_plan,
-    tensor_parallel_problems,
 )
 
 WORLD = 2
@@ -147,37 +147,38 @@ def test_plan_tables_expand_per_block() -> None:
         build_parallelize_plan(gelu, {"embed": "diagonal"})
 
 
-def _problems(tp: int, sp: bool = False, seq_len: int = 16, vocab_multiple: int | None = None, **changes) -> str:
-    return " | ".join(tensor_parallel_problems(DEBUG.replace(**changes), tp, sp, seq_len, vocab_multiple))
+def _problem(tp: int, sp: bool = False, seq_len: int = 16, vocab_multiple: int | None = None, **changes) -> str:
+    """The first rule a tensor-parallel layout of the debug model breaks (plait.layout.rules), or ""."""
+    workload = Workload(DEBUG.replace(**changes), seq_len, global_batch_sequences=4, vocab_multiple=vocab_multiple)
+    found = layout_problem(Layout(tp=tp, sequence_parallel=sp, dp_replicate=1), workload)
+    return found.message if found is not None else ""
 
 
 def test_problems_accepts_good_layouts() -> None:
-    assert tensor_parallel_problems(DEBUG, 2, True, 16) == []
-    assert tensor_parallel_problems(DEBUG, 1, False, 15) == []
-    assert tensor_parallel_problems(DEBUG.replace(tie_embeddings=True), 2, True, 16) == []
-    assert tensor_parallel_problems(DEBUG, 2, False, 15) == []  # seq_len only matters with SP
+    assert _problem(2, True, 16) == ""
+    assert _problem(1, False, 15) == ""
+    assert _problem(2, True, 16, tie_embeddings=True) == ""
+    assert _problem(2, False, 15) == ""  # seq_len only matters with SP
 
 
 def test_problems_name_fields_and_fixes() -> None:
-    text = _problems(3, kv_heads=4)
-    assert "model.heads = 4 is not divisible by parallel.tp_degree = 3" in text
-    assert "valid tp_degree: 1, 2, 4" in text
-    assert "model.kv_heads = 4 is not divisible by parallel.tp_degree = 3" in text
-    assert "model.vocab = 256 is not divisible by parallel.tp_degree = 3" in text
+    text = _problem(3, kv_heads=4)
+    assert "parallel.tp_degree = 3 does not divide model.heads = 4" in text
+    assert "set parallel.tp_degree to one of [1, 2, 4]" in text
+    assert "parallel.tp_degree = 3 does not divide model.kv_heads = 4" in _problem(3, heads=6, hidden=96, kv_heads=4)
+    text = _problem(4)  # debug has 2 kv heads: replicating them is not supported
+    assert "parallel.tp_degree = 4 is more than model.kv_heads = 2" in text and "not replicated" in text
+    assert "does not divide model.heads" not in text
 
-    text = _problems(4)  # debug has 2 kv heads: replicating them is not supported
-    assert "model.kv_heads = 2 is smaller than parallel.tp_degree = 4" in text and "not supported" in text
-    assert "model.heads = 4 is not" not in text
-
-    text = _problems(2, ffn_hidden=191)
+    text = _problem(2, ffn_hidden=191)
     assert "model.ffn_hidden" in text and "192" in text
 
-    text = _problems(2, vocab=257)
+    text = _problem(2, vocab=257)
     assert "model.vocab = 257" in text and "model.vocab = 258" in text and "model.vocab_multiple" in text
-    assert "model.vocab_multiple = 63" in _problems(2, vocab=None, vocab_multiple=63)
-    assert _problems(2, vocab=None, vocab_multiple=64) == ""
+    assert "model.vocab_multiple = 63" in _problem(2, vocab=None, vocab_multiple=63)
+    assert _problem(2, vocab=None, vocab_multiple=64) == ""
 
-    text = _problems(2, sp=True, seq_len=15)
+    text = _problem(2, sp=True, seq_len=15)
     assert "train.seq_len = 15 is not divisible by parallel.tp_degree = 2" in text and "14 or 16" in text
 
-    assert "parallel.sequence_parallel = true needs parallel.tp_degree > 1" in _problems(1, sp=True)
+    assert "parallel.sequence_parallel = true needs parallel.tp_degree > 1" in _problem(1, sp=True)

@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import plait
 from plait.cli import main
-from plait.config import build_config
+from plait.validation import build_config
 
 pytestmark = [
     pytest.mark.gpu,

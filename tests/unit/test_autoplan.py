@@ -14,10 +14,10 @@ import pytest
 import plait
 from plait.autoplan import (
     PLAN_NAME, PROFILE_NAME, QUICK_MESSAGE_BYTES_CPU, job_cluster, pinned_keys, plan_for_job, planner_pins,
-    worker_overrides,
 )
 from plait.cli import main
-from plait.config import ConfigError, build_config, load_toml, resolve_degrees, validate
+from plait.config import ConfigError, load_toml
+from plait.validation import build_config, resolve_run, validate
 from plait.hardware.devices import Cluster, Device, Link
 from plait.hardware.profile import cluster_from_flags, load_profile, write_profile
 
@@ -50,7 +50,8 @@ def test_the_plan_fills_the_layout_and_passes_train_validation(tmp_path):
     planned = plan_for_job(cfg, 2, 2)
     out = planned.config
     validate(out, 2)  # raises on a layout plait train refuses
-    assert resolve_degrees(out.parallel, 2).world == 2
+    assert planned.run.layout == planned.chosen.layout  # what the trainer takes is the layout chosen
+    assert resolve_run(out, 2).layout == planned.chosen.layout and planned.run.world_size == 2
     assert not out.parallel.auto and out.parallel.cluster_profile == str(tmp_path / "local.toml")
     layout = planned.chosen.layout
     assert {k: getattr(out.parallel, k) for k in layout.parallel_section()} == layout.parallel_section()
@@ -96,13 +97,14 @@ def test_pins_map_to_the_planner_keys():
     assert planner_pins(pins) == {"tp": 2, "cp_method": "ulysses", "micro_batch_size": 8}
 
 
-def test_workers_get_the_chosen_layout_back_from_their_overrides(tmp_path):
-    """What the launcher hands the workers rebuilds the planned config, with auto off."""
-    cfg = _config(tmp_path, "--parallel.tp_degree=2")
-    planned = plan_for_job(cfg, 2, 2)
-    rebuilt = build_config(None, [*BASE, f"--run.dir={tmp_path / 'run'}", "--parallel.tp_degree=2",
-                                  *worker_overrides(planned)], world_size=2)
-    assert rebuilt == planned.config and not rebuilt.parallel.auto
+def test_workers_get_the_planned_run_as_it_was_resolved(tmp_path):
+    """What the launcher hands the workers (the resolved run, as text in their environment) is the
+    planned config and layout, with auto off."""
+    from plait.validation import ResolvedRun
+
+    planned = plan_for_job(_config(tmp_path, "--parallel.tp_degree=2"), 2, 2)
+    rebuilt = ResolvedRun.from_json(planned.run.to_json())
+    assert rebuilt == planned.run and not rebuilt.config.parallel.auto and rebuilt.layout.tp == 2
 
 
 def test_nothing_fits_names_the_fix(tmp_path):
@@ -113,7 +115,7 @@ def test_nothing_fits_names_the_fix(tmp_path):
 
 def test_pins_that_match_no_layout_are_named(tmp_path):
     cfg = _config(tmp_path, "--parallel.tp_degree=3")
-    with pytest.raises(ConfigError, match=r"tp = 3 does not divide the model's heads = 4.*set tp to one of \[1, 2\]"):
+    with pytest.raises(ConfigError, match=r"parallel.tp_degree = 3 does not divide model.heads = 4 .*set parallel.tp_degree to one of \[1, 2\]"):
         plan_for_job(cfg, 2, 2)
 
 
@@ -200,11 +202,9 @@ def test_plait_config_says_the_layout_is_planned_at_start_up(capsys):
     assert tomllib.loads(out)["parallel"]["auto"] is True
 
 
-def test_the_trainer_refuses_an_unplanned_config():
-    from plait.trainer import train
-
+def test_an_unplanned_config_is_not_resolved():
     with pytest.raises(ConfigError, match=r"call plait\.train\(cfg\)"):
-        train(build_config(None, BASE))
+        resolve_run(build_config(None, BASE), 1)
 
 
 def test_api_train_plans_for_one_process_and_records_the_choice(tmp_path, monkeypatch):
@@ -221,7 +221,7 @@ def test_api_train_plans_for_one_process_and_records_the_choice(tmp_path, monkey
     assert result.step == 2
     assert "chosen:" in (run_dir / PLAN_NAME).read_text()
     saved = load_toml(run_dir / "config.toml")
-    assert not saved.parallel.auto and resolve_degrees(saved.parallel, 1).world == 1
+    assert not saved.parallel.auto and resolve_run(saved, 1).layout.world == 1
     assert saved.train.micro_batch_size == 16
 
 

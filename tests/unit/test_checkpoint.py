@@ -21,7 +21,7 @@ from plait.checkpoint.sharded import CheckpointError, find_intact, read_manifest
 from plait.config import ConfigError
 from plait.model import ModelArgs, build_model, materialize
 
-from plait.config import build_config
+from plait.validation import build_config
 
 SMALL = [
     "--model.name=debug", "--train.seq_len=64", "--train.global_batch_tokens=1024", "--train.micro_batch_size=8",

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from plait.config import Config, ConfigError, build_config, load_toml, parse_overrides, resolve_model_args, to_toml
+from plait.config import Config, ConfigError, load_toml, parse_overrides, to_toml
+from plait.validation import build_config, resolve_model_args, resolve_run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,10 +49,10 @@ def test_overrides_both_forms_and_types():
         ("--parallel.zero_stage=3", "parallel.zero_stage = 3 shards over the data-parallel shard axis, but parallel.dp_shard_degree = 1"),
         ("--parallel.dp_shard_degree=2 --parallel.zero_stage=0", "parallel.dp_shard_degree = 2 needs a ZeRO stage"),
         ("--parallel.zero_stage=5", "parallel.zero_stage = 5 must be -1 (auto), 0, 1, 2 or 3"),
-        ("--parallel.mixed_precision=true", "needs parallel.zero_stage = 2 or 3 (with parallel.dp_shard_degree > 1), not -1 (auto: 0)"),
+        ("--parallel.mixed_precision=true", "needs parallel.zero_stage = 2 or 3 (with parallel.dp_shard_degree > 1), not 0"),
         ("--parallel.sequence_parallel=true", "parallel.sequence_parallel = true needs parallel.tp_degree > 1"),
-        ("--parallel.tp_degree=3", "model.heads = 4 is not divisible by parallel.tp_degree = 3"),
-        ("--parallel.tp_degree=4", "model.kv_heads = 2 is smaller than parallel.tp_degree = 4"),
+        ("--parallel.tp_degree=3", "parallel.tp_degree = 3 does not divide model.heads = 4 (each rank computes whole query heads); set parallel.tp_degree to one of [1, 2]"),
+        ("--parallel.tp_degree=4", "parallel.tp_degree = 4 is more than model.kv_heads = 2"),
         ("--parallel.tp_degree=2 --train.compile=true", "train.compile = true with parallel.tp_degree > 1"),
         ("--checkpoint.keep_last=0", "checkpoint.keep_last = 0 must be at least 1"),
         ("--train.watchdog_timeout=0.5", "train.watchdog_timeout = 0.5 must be 0 (off) or a number of seconds of at least 1"),
@@ -120,12 +121,11 @@ def test_mlp_override_changes_default_width():
 
 
 def test_layout_against_world_size():
-    from plait.config import resolve_degrees
 
     cfg = build_config(None, ["--parallel.dp_shard_degree=-1", "--parallel.zero_stage=3"], world_size=4)
-    assert resolve_degrees(cfg.parallel, 4).dp_shard == 4
+    assert resolve_run(cfg, 4).layout.dp_shard == 4
     cfg = build_config(None, ["--parallel.dp_replicate_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=2"], world_size=4)
-    assert resolve_degrees(cfg.parallel, 4).dp == 4
+    assert resolve_run(cfg, 4).layout.dp == 4
     with pytest.raises(ConfigError, match="multiply to dp_replicate 2 = 2, but the job has 4 worker"):
         build_config(None, ["--parallel.dp_replicate_degree=2"], world_size=4)
     with pytest.raises(ConfigError, match="only one degree may be -1"):
@@ -133,15 +133,19 @@ def test_layout_against_world_size():
     with pytest.raises(ConfigError, match="cpu_offload = true needs parallel.zero_stage = 3"):
         build_config(None, ["--parallel.dp_shard_degree=2", "--parallel.zero_stage=2", "--parallel.cpu_offload=true"], world_size=2)
     # 32 sequences cannot split into 3 ranks
-    with pytest.raises(ConfigError, match="do not split into 3 data-parallel ranks; set train.global_batch_tokens = 8448"):
+    with pytest.raises(ConfigError, match=r"do not split into 3 data-parallel ranks .*; set train.global_batch_tokens = 8448"):
         build_config(None, ["--parallel.dp_replicate_degree=3"], world_size=3)
-    with pytest.raises(ConfigError, match="each of 2 data-parallel ranks 24 sequences, not a multiple of train.micro_batch_size = 16; set train.micro_batch_size = 12"):
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size = 16 does not divide a data-parallel rank's 24 sequences "
+                                          r"per step .*; set train.micro_batch_size = 12 or train.global_batch_tokens = 16384"):
         build_config(None, ["--parallel.dp_replicate_degree=2", "--train.micro_batch_size=16", "--train.global_batch_tokens=12288"], world_size=2)
     # A micro-batch larger than a rank's share shrinks to it: the default config runs on 4 ranks.
     cfg = build_config(None, ["--parallel.dp_replicate_degree=4"], world_size=4)
-    from plait.config import micro_batch_size
-
-    assert micro_batch_size(cfg.train, 4) == 8
+    assert resolve_run(cfg, 4).layout.micro_batch_size == 8
+    # Without the job's size, the world is what the degrees multiply to; with a -1 fill it is
+    # known only when the job starts, and the layout is checked then.
+    with pytest.raises(ConfigError, match="do not split into 3 data-parallel ranks"):
+        build_config(None, ["--parallel.dp_replicate_degree=3"])
+    build_config(None, ["--parallel.dp_shard_degree=-1", "--parallel.tp_degree=3"])
 
 
 def test_tensor_parallel_composes_with_every_data_parallel_stage():
@@ -151,10 +155,10 @@ def test_tensor_parallel_composes_with_every_data_parallel_stage():
 
 
 def test_zero_stage_auto():
-    from plait.config import resolve_zero_stage, with_resolved_zero_stage
+    from plait.validation import resolve_run
 
-    def stage(overrides: list[str], world: int | None) -> int:
-        return resolve_zero_stage(build_config(None, overrides, world_size=world).parallel, world)
+    def stage(overrides: list[str], world: int) -> int:
+        return resolve_run(build_config(None, overrides, world_size=world), world).layout.zero_stage
 
     assert Config().parallel.zero_stage == -1
     assert stage([], 1) == 0
@@ -162,11 +166,11 @@ def test_zero_stage_auto():
     # `--parallel.dp_shard_degree=2 --parallel.tp_degree=2` with no stage runs FSDP x TP.
     assert stage(["--parallel.dp_shard_degree=2", "--parallel.tp_degree=2"], 4) == 3
     assert stage(["--parallel.dp_shard_degree=-1"], 4) == 3
-    assert stage(["--parallel.dp_shard_degree=-1"], None) == 3  # before the world is known
     assert stage(["--parallel.dp_shard_degree=-1", "--parallel.tp_degree=2"], 2) == 0  # the fill leaves 1
     assert stage(["--parallel.dp_shard_degree=2", "--parallel.zero_stage=1"], 2) == 1  # explicit wins
     cfg = build_config(None, ["--parallel.dp_shard_degree=2", "--parallel.tp_degree=2"], world_size=4)
-    assert with_resolved_zero_stage(cfg, 4).parallel.zero_stage == 3 and cfg.parallel.zero_stage == -1
+    run = resolve_run(cfg, 4)  # the config the trainer takes records the stage that runs
+    assert run.config.parallel.zero_stage == 3 and cfg.parallel.zero_stage == -1
 
 
 @pytest.mark.parametrize(
@@ -192,11 +196,11 @@ def test_context_parallel_errors_name_field_and_fix(override, expected):
 
 
 def test_context_parallel_layouts_accepted():
-    from plait.config import resolve_degrees
+    from plait.validation import resolve_run
 
     cfg = build_config(None, ["--parallel.cp_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=3"], world_size=4)
-    degrees = resolve_degrees(cfg.parallel, 4)
-    assert (degrees.cp, degrees.dp) == (2, 2)
+    layout = resolve_run(cfg, 4).layout
+    assert (layout.cp, layout.dp) == (2, 2)
     build_config(None, ["--parallel.cp_degree=2", "--parallel.cp_method=ulysses", "--parallel.dp_replicate_degree=-1"], world_size=4)
     build_config(None, ["--parallel.cp_degree=2", "--train.compile=true"], world_size=2)
     with pytest.raises(ConfigError, match="multiply to cp 2 = 2, but the job has 4"):

@@ -22,11 +22,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import plait
 from plait.checkpoint import save_model_tensors
 from plait.checkpoint.hf import export_to_hf
-from plait.checkpoint.state import gather_model
+from plait.parallel.gather import gather_model
 from plait.cli import main
-from plait.config import Config, ConfigError, build_config
+from plait.config import Config, ConfigError
+from plait.validation import build_config
 from plait.model import ModelArgs, build_model, materialize
-from plait.trainer.setup import resolved_config
+from plait.trainer.record import resolved_config
 
 TOL = 1e-5
 # name -> plait shape. Weights are drawn wider than the usual 0.02 (and norm gains away from 1) so

@@ -11,7 +11,7 @@ import torch
 
 from plait.config import ConfigError
 from plait.launch import DEFAULT_MAX_RESTARTS, launch_env, loopback_interface, torchrun_command
-from plait.parallel.distributed import check_gpus_per_node
+from plait.parallel.job import check_gpus_per_node
 
 
 def test_more_workers_than_gpus_is_refused(monkeypatch):
@@ -37,20 +37,20 @@ def _args(**kw) -> argparse.Namespace:
 
 
 def test_torchrun_command_single_and_multi_node():
-    cmd = torchrun_command(_args(), ["--train.steps=5"])
+    cmd = torchrun_command(_args())
     agent, torchrun = cmd[:cmd.index("--")], cmd[cmd.index("--") + 1:]
     assert agent[1:] == ["-m", "plait.launch_agent"]  # torchrun's agent with plait's loopback rendezvous
     assert "--rdzv-backend=plait-loopback" in torchrun and "--rdzv-endpoint=127.0.0.1" in torchrun
     assert "--standalone" not in torchrun  # its store would listen on every interface
     assert "--nproc-per-node=4" in torchrun and f"--max-restarts={DEFAULT_MAX_RESTARTS}" in torchrun
-    assert torchrun[-4:] == ["-m", "plait", "train", "--train.steps=5"]
+    assert torchrun[-3:] == ["-m", "plait", "train"]  # no config: the workers get the resolved run
     two = _args(nproc_per_node=8, nnodes=2, max_restarts=3, rdzv_endpoint="head:29500", node_rank=1, config="c.toml")
-    cmd = torchrun_command(two, [])
+    cmd = torchrun_command(two)
     assert "--host-store=head:29500" in cmd[:cmd.index("--")]  # hosted on head's address, by the node that owns it
     assert "--rdzv-backend=c10d" in cmd and "--rdzv-endpoint=head:29500" in cmd and "--node-rank=1" in cmd
-    assert "--max-restarts=3" in cmd and cmd[-2:] == ["--config", "c.toml"]
+    assert "--max-restarts=3" in cmd and "c.toml" not in cmd
     with pytest.raises(SystemExit, match="--rdzv-endpoint"):
-        torchrun_command(_args(nnodes=2), [])
+        torchrun_command(_args(nnodes=2))
 
 
 def test_launch_env_keeps_one_node_on_loopback_and_user_choices():

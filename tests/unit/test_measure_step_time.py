@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from plait.config import Config, build_config, set_value
+from plait.config import Config, set_value
 from plait.hardware.profile import cluster_from_flags
 from plait.measure.step_time import layout_overrides, ranks, spearman
+from plait.validation import build_config
 from plait.planner import workload_from_config
 from plait.planner.search import enumerate_layouts
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import plait
-from plait.config import ConfigError, build_config
+from plait.config import ConfigError
+from plait.validation import build_config
 from plait.model import NAMED_SIZES, build_model, count_params, flops_per_token, materialize, matmul_params
 from plait.model.moe import MoE, capacity_keep, moe_layers, route
 
@@ -134,17 +135,19 @@ def test_moe_config_errors(overrides, expected):
     [
         (["--parallel.ep_degree=0"], 1, "parallel.ep_degree = 0 must be at least 1"),
         (["--parallel.ep_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=3"], 2,
-         "parallel.ep_degree = 2 spreads experts, but model.name = 'tiny' is dense"),
-        (["--model.name=debug-moe", "--parallel.ep_degree=2", "--parallel.dp_shard_degree=3", "--parallel.zero_stage=3"], 3,
+         "parallel.ep_degree = 2 spreads experts, but the model is dense (model.moe_experts = 0)"),
+        (["--model.name=debug-moe", "--parallel.ep_degree=2", "--parallel.dp_shard_degree=3", "--parallel.zero_stage=3",
+          "--train.global_batch_tokens=6144"], 3,
          "parallel.ep_degree = 2 must divide parallel.dp_shard_degree x cp_degree = 3 x 1"),
-        (["--model.name=debug-moe", "--parallel.ep_degree=2", "--parallel.dp_shard_degree=-1", "--parallel.zero_stage=3"], 3,
-         "parallel.ep_degree = 2 must divide the data-parallel shard x context degrees, here 3 x 1 with 3 worker(s)"),
+        (["--model.name=debug-moe", "--parallel.ep_degree=2", "--parallel.dp_shard_degree=-1", "--parallel.zero_stage=3",
+          "--train.global_batch_tokens=6144"], 3,
+         "parallel.ep_degree = 2 must divide parallel.dp_shard_degree x cp_degree = 3 x 1 (experts are spread over those ranks)"),
         (["--model.name=debug-moe", "--parallel.ep_degree=8", "--parallel.dp_shard_degree=8", "--parallel.zero_stage=3"], 8,
          "parallel.ep_degree = 8 must divide model.moe_experts = 4"),
         (["--model.name=debug-moe", "--parallel.ep_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=1"], 2,
          "parallel.ep_degree = 2 needs parallel.zero_stage = 2 or 3, not 1"),
         (["--model.name=debug-moe", "--parallel.ep_degree=2", "--parallel.dp_shard_degree=2", "--parallel.zero_stage=3",
-          "--parallel.cpu_offload=true"], 2, "parallel.cpu_offload = true with parallel.ep_degree > 1"),
+          "--parallel.cpu_offload=true"], 2, "parallel.cpu_offload = true with parallel.ep_degree = 2 is not in this version of plait; set parallel.cpu_offload = false"),
     ],
 )
 def test_expert_parallel_config_errors(overrides, world, expected):

@@ -18,8 +18,8 @@ import torch
 
 import plait
 from plait.checkpoint import iter_model_tensors
-import plait.trainer.loop as loop
-from plait.config import build_config
+import plait.parallel.step as step
+from plait.validation import build_config
 from plait.data import TrainLoader
 from plait.trainer.nan_guard import MAX_ROLLBACKS, NonFiniteLossError
 
@@ -49,7 +49,7 @@ def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 def poisoned_batch(monkeypatch):
     """The loss of the batch with global index POISONED is NaN, wherever the loader serves it."""
     current = {"index": -1}
-    next_batch, lm_loss = TrainLoader.next_batch, loop.lm_loss
+    next_batch, lm_loss = TrainLoader.next_batch, step.lm_loss
 
     def tracking_next_batch(self):
         current["index"] = self.steps_consumed
@@ -60,7 +60,7 @@ def poisoned_batch(monkeypatch):
         return loss * math.nan if current["index"] == POISONED else loss
 
     monkeypatch.setattr(TrainLoader, "next_batch", tracking_next_batch)
-    monkeypatch.setattr(loop, "lm_loss", poisoned_lm_loss)
+    monkeypatch.setattr(step, "lm_loss", poisoned_lm_loss)
 
 
 def test_stop_names_step_rank_and_fix(tmp_path):

@@ -58,3 +58,26 @@ def test_reading_the_table_does_not_import_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_the_optimizer_recipe_in_the_architecture_page_works(monkeypatch) -> None:
+    """docs/architecture.md shows adding an optimizer as one file: its code, run as written and
+    listed in the table, validates as optim.name, builds under a layout and steps."""
+    from plait.validation import resolve_run
+    from plait.config import Config
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "architecture.md").read_text()
+    code = page.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {"__name__": "plait.optim.sgd"}
+    exec(compile(code, "docs/architecture.md", "exec"), namespace)
+    spec = namespace["SGD"]
+    monkeypatch.setitem(OPTIMIZERS, spec.name, spec)
+    run = resolve_run(Config(optim=OptimSection(name="sgd", lr=0.1, beta1=0.9)), 1)
+    model = _model()
+    optimizer = build_optimizer(model, run.config.optim)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["nesterov"]
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all("momentum_buffer" in state for state in optimizer.state.values())

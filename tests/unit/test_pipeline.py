@@ -8,9 +8,10 @@ import copy
 import pytest
 import torch
 
-from plait.config import ConfigError, build_config
+from plait.config import ConfigError
+from plait.validation import build_config
 from plait.model import ModelArgs, build_model, materialize
-from plait.parallel.pipeline_plan import build_pipeline_plan, part_costs, pipeline_microbatches, split_layers
+from plait.layout.pipeline import build_pipeline_plan, part_costs, pipeline_microbatches, split_layers
 
 
 def _args(vocab: int, layers: int = 8) -> ModelArgs:
@@ -90,13 +91,13 @@ def test_stages_pass_hidden_states_through():
     "override, world, expected",
     [
         ("--parallel.pp_degree=2 --parallel.pp_virtual_stages=2", None,
-         "parallel.pp_virtual_stages = 2 needs an interleaved schedule, but parallel.pp_schedule = '1f1b'"),
+         "parallel.pp_virtual_stages = 2 needs an interleaved schedule, but parallel.pp_schedule = \"1f1b\""),
         ("--parallel.pp_degree=2 --parallel.pp_schedule=interleaved-1f1b --model.layers=4", None,
          "needs parallel.pp_virtual_stages >= 2 (model chunks per rank); set parallel.pp_virtual_stages = 2"),
         ("--parallel.pp_degree=4", None,
          "model.layers = 2 cannot fill parallel.pp_degree x pp_virtual_stages = 4 x 1 = 4 stages"),
         ("--parallel.pp_degree=2 --model.tie_embeddings=true", None,
-         "model.tie_embeddings = true with parallel.pp_degree > 1"),
+         "parallel.pp_degree = 2 with tied embeddings (model.tie_embeddings = true)"),
         ("--parallel.pp_degree=2 --parallel.pp_microbatches=-1", None, "parallel.pp_microbatches = -1 must be >= 0"),
         ("--parallel.pp_degree=2 --parallel.pp_virtual_stages=0", None, "parallel.pp_virtual_stages = 0 must be at least 1"),
         ("--parallel.pp_degree=2 --parallel.pp_schedule=zero-bubble --train.compile=true", None,
@@ -105,10 +106,11 @@ def test_stages_pass_hidden_states_through():
         ("--parallel.pp_degree=2 --parallel.pp_microbatches=5", 2,
          "parallel.pp_microbatches = 5 does not divide the 32 sequences of a data-parallel rank's step; pick one of"),
         ("--parallel.pp_degree=2 --parallel.pp_microbatches=1", 2,
-         "parallel.pp_schedule = '1f1b' needs at least parallel.pp_degree = 2 micro-batches, but a step has 1"),
+         "parallel.pp_schedule = \"1f1b\" needs at least parallel.pp_degree = 2 micro-batches per step, but a "
+         "data-parallel rank's 32 sequences at train.micro_batch_size = 32 make 1; set parallel.pp_microbatches = 2"),
         ("--parallel.pp_degree=4 --model.layers=8 --parallel.pp_virtual_stages=2 --parallel.pp_schedule=interleaved-1f1b "
          "--train.global_batch_tokens=4608 --parallel.pp_microbatches=9", 4,
-         "parallel.pp_microbatches = 9 must be a multiple of the 2 rounds"),
+         "runs micro-batches in rounds of parallel.pp_degree = 4: the 9 micro-batches per step must split into 2 equal rounds"),
         ("--parallel.pp_degree=2 --parallel.dp_replicate_degree=2 --parallel.pp_microbatches=2", 4,
          "parallel.pp_degree = 2 with data parallelism needs parallel.zero_stage = 2 or 3"),
     ],

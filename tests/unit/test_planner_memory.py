@@ -11,7 +11,7 @@ import pytest
 
 from plait.model import NAMED_SIZES, count_params
 from plait.planner.memory import estimate_memory, estimate_memory_by_stage
-from plait.planner.types import Layout, Workload
+from plait.layout import Layout, Workload
 
 GIB = 2**30
 

@@ -1,5 +1,6 @@
-"""The planner's time model, search and `plait plan`: every emitted layout is one `plait train`
-accepts, pins are honoured, the answers come out as a table, JSON and a config file."""
+"""The planner's time model, search and `plait plan`: pins are honoured, the answers come out as a
+table, JSON and a config file (that every emitted layout is one `plait train` runs, and that both
+refuse the same layouts with the same sentence, is tests/unit/test_layout_rules.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ import json
 import pytest
 
 from plait.cli import main
-from plait.config import Config, ConfigError, load_toml, validate
+from plait.config import load_toml
 from plait.hardware.devices import Cluster, Device, Link
 from plait.model.sizes import NAMED_SIZES
-from plait.planner.explain import memory_breakdown, nothing_fits, plan_config
+from plait.planner.explain import memory_breakdown, nothing_fits
 from plait.planner.memory import estimate_memory, memory_fits
-from plait.planner.search import PlanError, candidate, check_layout, enumerate_layouts, plan
+from plait.planner.search import PlanError, candidate, enumerate_layouts, plan
 from plait.planner.timing import estimate_time, link_for, ring_time
-from plait.planner.types import Layout, Workload
+from plait.layout import Layout, Workload
+from plait.validation import validate
 
 GIB = 2**30
 INTRA, INTER = Link(bandwidth=300e9, latency=5e-6), Link(bandwidth=25e9, latency=10e-6)
@@ -32,45 +34,6 @@ def _workload(name: str, seq_len: int, sequences: int) -> Workload:
     if args.vocab is None:
         args = args.replace(vocab=256)  # the byte tokenizer's vocabulary, as `plait plan` resolves it
     return Workload(model=args, seq_len=seq_len, global_batch_sequences=sequences)
-
-
-@pytest.mark.parametrize("name, gpus, per_node, seq_len, sequences", [
-    ("debug", 8, 4, 64, 16),
-    ("debug-moe", 8, 8, 64, 16),
-    ("1b", 16, 8, 2048, 64),  # tied embeddings: no pipeline
-    ("8b", 32, 8, 4096, 64),
-])
-def test_every_emitted_layout_passes_train_validation(name, gpus, per_node, seq_len, sequences):
-    workload = _workload(name, seq_len, sequences)
-    cluster = _cluster(gpus, per_node)
-    layouts = list(enumerate_layouts(workload, cluster, {}))
-    assert len(layouts) > 10
-    assert len({lay for lay in layouts}) == len(layouts)  # no layout twice
-    for layout in layouts:  # check_layout is arithmetic: every layout
-        check_layout(workload, layout, cluster)
-        assert not layout.mixed_precision or layout.zero_stage >= 2  # what --write puts in [parallel]
-    # validate() takes a few ms: all layouts of the small cases, an even sample of about 500 of the
-    # large one (every structure's variants are spread through the list, so all families are hit).
-    stride = max(1, len(layouts) // 500)
-    kinds = set()
-    for layout in layouts[::stride]:
-        assert layout.world == gpus, layout
-        validate(_config(layout, workload, name), gpus)  # raises ConfigError on a layout plait train refuses
-        kinds.add((layout.tp > 1, layout.pp > 1, layout.cp > 1, layout.ep > 1, layout.zero_stage))
-    assert len(kinds) >= 3  # the search covers several parallelisms, not one family
-
-
-def _config(layout: Layout, workload: Workload, name: str) -> Config:
-    """The config `plan_config` writes for this layout (sections built directly: parsing TOML
-    for thousands of layouts would dominate the test)."""
-    from plait.config import ModelSection, ParallelSection, TrainSection
-    from plait.planner.types import Candidate, MemoryEstimate, TimeEstimate
-
-    c = Candidate(layout=layout, memory=MemoryEstimate(), time=TimeEstimate(), tokens_per_s_per_gpu=0.0,
-                  tflops_per_gpu=0.0, mfu=0.0, fits=True)
-    sections = plan_config(c, workload, {"name": name})
-    return Config(model=ModelSection(**sections["model"]), train=TrainSection(**sections["train"]),
-                  parallel=ParallelSection(**sections["parallel"]))
 
 
 def test_ring_collective_time_follows_the_formula():
@@ -205,97 +168,27 @@ def test_cpu_workers_on_one_machine_share_its_memory():
     assert memory_fits(estimate_memory(workload, layout), _cluster(2, per_node=2, memory=machine, host=machine))
 
 
-# ---- check_layout: each rule refused, by the planner and (where it is one) by plait train ------
-
-
-def _refused(name, seq_len, sequences, gpus, train_refuses, match, dtype="bf16", **layout):
-    readable = match.replace("\\", "").replace(".*", "...")
-    return pytest.param(name, seq_len, sequences, dtype, gpus, layout, train_refuses, match, id=readable[:40])
-
-
-REFUSED = [
-    _refused("8b", 4096, 64, 32, True, r"cp = 2 with tp = 2", tp=2, cp=2, dp_shard=8, zero_stage=3),
-    _refused("8b", 4096, 64, 32, True, r"cp = 2 with pp = 2", pp=2, cp=2, dp_shard=8, zero_stage=3),
-    _refused("8b", 4096, 64, 32, True, r"cp = 2 with zero_stage = 1", cp=2, dp_shard=16, zero_stage=1),
-    _refused("8b", 4096, 64, 32, True, r"cp = 2 with dp_replicate = 2 \(HSDP\)", cp=2, dp_replicate=2, dp_shard=8, zero_stage=3),
-    _refused("8b", 102, 64, 32, True, r"ring attention .* 102 is not a multiple of 4", cp=2, dp_shard=16, zero_stage=3),
-    _refused("8b", 4096, 64, 32, True, r"cp = 16 with Ulysses .* key/value heads \(8\)", cp=16, cp_method="ulysses",
-             dp_shard=2, zero_stage=3),
-    _refused("8b", 4096, 64, 32, True, r"pp = 2 with data parallelism .* zero_stage = 2 or 3 .* not 1", pp=2, dp_shard=16,
-             zero_stage=1),
-    _refused("8b", 4096, 64, 32, True, r"pp = 2 with data parallelism .* not 0", pp=2, dp_replicate=16),
-    _refused("8b", 4096, 64, 32, True, r"mixed_precision = true .* zero_stage = 2 or 3, not 1", dp_shard=32, zero_stage=1,
-             mixed_precision=True),
-    _refused("8b", 4096, 64, 32, True, r"= 16 ranks, but the cluster has 32 GPU\(s\); e.g. dp_shard = 32", dp_shard=16,
-             zero_stage=3),
-    _refused("8b", 4096, 64, 48, True, r"global batch of 64 sequences does not split .* 48", dp_shard=48, zero_stage=3),
-    _refused("8b", 4096, 64, 32, True, r"micro_batch_size = 3 does not divide .* 8 sequences", tp=4, dp_shard=8,
-             zero_stage=3, micro_batch_size=3),
-    _refused("8b", 4096, 64, 32, True, r"zero_stage = 3 .* but dp_shard = 1", tp=8, dp_replicate=4, zero_stage=3),
-    _refused("8b", 4096, 64, 32, True, r"dp_shard = 32 needs a ZeRO stage", dp_shard=32),
-    _refused("8b", 4096, 64, 32, True, r"cpu_offload = true needs zero_stage = 3", dp_shard=32, zero_stage=2,
-             cpu_offload=True),
-    _refused("8b", 4096, 64, 48, True, r"tp = 3 does not divide the model's heads = 32", tp=3, dp_shard=16, zero_stage=3),
-    _refused("8b", 4096, 64, 32, True, r"tp = 16 does not divide the model's kv_heads = 8", tp=16, dp_shard=2, zero_stage=3),
-    _refused("8b", 4096, 64, 32, True, r"sequence_parallel = true needs tp > 1", dp_shard=32, zero_stage=3,
-             sequence_parallel=True),
-    _refused("1b", 2048, 64, 32, True, r"pp = 2 with tied embeddings", pp=2, dp_shard=16, zero_stage=3),
-    _refused("8b", 4096, 64, 32, True, r"32 x 2 stages is more than the model's 32 layers", pp=32,
-             pp_schedule="interleaved-1f1b", pp_virtual_stages=2),
-    _refused("8b", 4096, 64, 32, True, r"pp_virtual_stages = 2 needs an interleaved schedule", pp=4, dp_shard=8,
-             zero_stage=3, pp_virtual_stages=2),
-    _refused("8b", 4096, 64, 32, True, r"interleaved-1f1b\" needs pp_virtual_stages >= 2", pp=4, dp_shard=8, zero_stage=3,
-             pp_schedule="interleaved-1f1b"),
-    _refused("8b", 4096, 72, 32, True, r"rounds of pp = 4: the 9 micro-batches", pp=4, dp_shard=8, zero_stage=3,
-             pp_schedule="interleaved-1f1b", pp_virtual_stages=2),
-    # plait train would raise the micro-batch count to fill the pipeline: another run than the estimate's.
-    _refused("8b", 4096, 64, 32, False, r"pp = 4 needs at least 4 micro-batches .* make 2", pp=4, dp_shard=8, zero_stage=3,
-             micro_batch_size=4),
-    _refused("8b", 4096, 64, 32, True, r"ep = 2 spreads experts, but the model is dense", dp_shard=32, zero_stage=3, ep=2),
-    _refused("debug-moe", 64, 16, 8, True, r"tp = 2 with a mixture-of-experts model", tp=2, dp_shard=4, zero_stage=3),
-    _refused("debug-moe", 64, 16, 8, True, r"pp = 2 with a mixture-of-experts model", pp=2, dp_shard=4, zero_stage=3),
-    _refused("debug-moe", 64, 12, 6, True, r"ep = 3 must divide the model's 4 experts", dp_shard=6, zero_stage=3, ep=3),
-    _refused("debug-moe", 64, 16, 8, True, r"ep = 2 needs zero_stage = 2 or 3 .* not 1", dp_shard=8, zero_stage=1, ep=2),
-    _refused("debug-moe", 64, 16, 8, True, r"ep = 2 with cp = 2", cp=2, dp_shard=4, zero_stage=3, ep=2),
-    _refused("debug-moe", 64, 16, 8, True, r"cpu_offload = true with ep = 2", dp_shard=8, zero_stage=3, ep=2,
-             cpu_offload=True),
-    _refused("debug-moe", 64, 16, 2, True, r"ep = 4 must divide dp_shard x cp = 2 x 1", dp_shard=2, zero_stage=3, ep=4),
-    # Planner input that is no plait train config.
-    _refused("8b", 4096, 64, 32, False, r"mixed_precision = true computes in bf16, but the workload's dtype is 'fp32'",
-             dtype="fp32", dp_shard=32, zero_stage=3, mixed_precision=True),
-    _refused("8b", 4096, 64, 32, False, r"tp = 0 must be a whole number of at least 1", tp=0),
-    _refused("8b", 4096, 64, 32, False, r"zero_stage = 4 must be 0", dp_shard=32, zero_stage=4),
-    _refused("8b", 4096, 64, 32, False, r"pp_schedule = 'dualpipe' is not a schedule", pp=2, dp_shard=16, zero_stage=3,
-             pp_schedule="dualpipe"),
-]
-
-
-@pytest.mark.parametrize("name, seq_len, sequences, dtype, gpus, layout, train_refuses, match", REFUSED)
-def test_check_layout_refuses_what_train_refuses(name, seq_len, sequences, dtype, gpus, layout, train_refuses, match):
-    workload = Workload(_workload(name, seq_len, sequences).model, seq_len, sequences, dtype=dtype)
-    lay, cluster = Layout(**layout), _cluster(gpus)
-    with pytest.raises(PlanError, match=match):
-        check_layout(workload, lay, cluster)
-    with pytest.raises(PlanError, match=match):
-        candidate(workload, lay, cluster)  # what --layout pins and API users reach
-    if train_refuses:  # the rule is plait train's: its validation refuses the config the plan would write
-        with pytest.raises(ConfigError):
-            validate(_config(lay, workload, name), gpus)
-
-
 def test_pins_no_layout_matches_name_the_rule(capsys):
     workload = _workload("8b", 4096, 64)
-    with pytest.raises(PlanError, match=r"cp = 2 with tp = 2"):
+    with pytest.raises(PlanError, match=r"parallel.cp_degree = 2 with parallel.tp_degree = 2"):
         plan(workload, _cluster(32), {"tp": 2, "cp": 2})
-    with pytest.raises(PlanError, match=r"pp = 2 with data parallelism .* not 1"):
+    with pytest.raises(PlanError, match=r"parallel.pp_degree = 2 with data parallelism .* not 1"):
         plan(workload, _cluster(32), {"zero": 1, "pp": 2})
     assert main(CLI + ["--layout", "tp=2,cp=2"]) == 2
-    assert "cp = 2 with tp = 2" in capsys.readouterr().err
+    assert "parallel.cp_degree = 2 with parallel.tp_degree = 2" in capsys.readouterr().err
+
+
+def test_compile_pin_leaves_out_what_compile_does_not_compose_with():
+    """train.compile = true (a pin parallel.auto keeps): no tensor parallelism, no zero-bubble."""
+    workload = _workload("8b", 4096, 64)
+    layouts = list(enumerate_layouts(workload, _cluster(32), {"compile": True}))
+    assert layouts and all(lay.compile and lay.tp == 1 and lay.pp_schedule != "zero-bubble" for lay in layouts)
+    assert any(lay.tp > 1 for lay in enumerate_layouts(workload, _cluster(32), {}))
 
 
 def test_planning_does_not_import_torch():
     """The planner answers for 16,384 GPUs on a laptop without torch: a plan that needs the
-    pipeline split (pipeline_plan.py) and the model's shapes leaves torch unimported."""
+    pipeline split (plait.layout.pipeline) and the model's shapes leaves torch unimported."""
     import subprocess
     import sys
 

@@ -10,7 +10,7 @@ from plait.config import Config, set_value
 from plait.hardware.profile import cluster_from_flags
 from plait.planner import workload_from_config
 from plait.planner.timing import elementwise_elements, estimate_time
-from plait.planner.types import Layout
+from plait.layout import Layout
 
 
 def _workload(name: str = "tiny", seq: int = 256, sequences: int = 32, dtype: str = "fp32"):

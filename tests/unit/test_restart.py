@@ -8,8 +8,8 @@ import pytest
 
 import plait
 from plait.checkpoint import latest_checkpoint
-from plait.cli import _restartable, main
-from plait.config import ConfigError, build_config
+from plait.cli import main, restartable
+from plait.validation import build_config, resolve_run
 from plait.report import read_metrics
 
 SMALL = [
@@ -50,7 +50,6 @@ def test_resume_false_is_checked_once_by_the_launcher(restarted, tmp_path, capsy
     assert code == 2  # refused before any worker starts
     assert "already holds checkpoints (step_6) and checkpoint.resume = false; pick a new --run.dir" in capsys.readouterr().err
     # A new directory: the workers get resume = true, so a restart resumes from the job's own checkpoints.
-    fresh = build_config(None, [*SMALL, f"--run.dir={tmp_path / 'new'}", "--checkpoint.resume=false"])
-    assert _restartable(fresh, ["--x.y=1"]) == ["--x.y=1", "--checkpoint.resume=true"]
-    with pytest.raises(ConfigError, match="checkpoint.resume = false"):
-        _restartable(build_config(None, [*SMALL, f"--run.dir={run_dir}", "--checkpoint.resume=false"]), [])
+    fresh = resolve_run(build_config(None, [*SMALL, f"--run.dir={tmp_path / 'new'}", "--checkpoint.resume=false"]), 1)
+    assert restartable(fresh).config.checkpoint.resume and not fresh.config.checkpoint.resume
+    assert restartable(fresh).layout == fresh.layout

@@ -15,7 +15,7 @@ import torch
 
 import plait
 from plait.checkpoint.dcp_io import read_whole_tensors
-from plait.config import build_config
+from plait.validation import build_config
 
 SMALL = [
     "--model.name=debug", "--train.seq_len=64", "--train.global_batch_tokens=1024",

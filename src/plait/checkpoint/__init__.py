@@ -22,8 +22,10 @@ from plait.checkpoint.dcp_io import Chunks, read_whole_tensors
 from plait.checkpoint.sharded import (
     MANIFEST,
     CheckpointError,
+    canonical_name,
     checkpoint_dir,
     complete_steps,
+    named_parameters,
     read_manifest,
     write_checkpoint,
 )
@@ -32,23 +34,6 @@ __all__ = [
     "MANIFEST", "CheckpointError", "canonical_name", "checkpoint_dir", "iter_model_tensors", "latest_checkpoint",
     "load_model_weights", "named_parameters", "read_manifest", "save_model_tensors",
 ]
-
-# Wrappers that training applies (activation checkpointing, compile) insert these into names.
-_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def canonical_name(name: str) -> str:
-    """A parameter's name in the unmodified model, whatever wrappers training applied."""
-    if name.startswith("module."):  # DistributedDataParallel
-        name = name[len("module."):]
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
-
-
-def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {canonical_name(name): p for name, p in model.named_parameters()}
-
 
 def refuse_checkpoints_without_resume(run_dir: Path, resume: bool) -> None:
     """`checkpoint.resume = false` guards a new run: raise ConfigError when `run_dir` already holds

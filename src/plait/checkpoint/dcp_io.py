@@ -279,11 +279,6 @@ class _FileSlice(io.RawIOBase):
         return got
 
 
-def saved_tensor_names(path: Path, prefix: str) -> list[str]:
-    """The saved entries whose key starts with `prefix`, in saving order, prefix removed."""
-    return [k[len(prefix):] for k in read_metadata_json(path)["tensors"] if k.startswith(prefix)]
-
-
 def read_whole_tensors(path: Path, keys: list[str] | None = None, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     """(key without prefix, whole tensor) for the saved entries under `prefix` (or `keys`), one
     tensor assembled in memory at a time from its boxes; no process group needed."""

@@ -59,7 +59,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def checkpoint_args(path: Path) -> tuple[ModelArgs, dict[str, Any]]:
     """The model a checkpoint was saved with, and its full resolved config (from its manifest)."""
-    from plait.config import Config, apply_dict, resolve_model_args
+    from plait.config import Config, apply_dict
+    from plait.validation import resolve_model_args
 
     config = read_manifest(path).get("config") or {}
     if "model" not in config:
@@ -259,7 +260,8 @@ def import_from_hf(hf_dir: str | Path, out: str | Path, force: bool = False, pro
     """Write a plait run directory (config.toml, tokenizer, checkpoint step_0 with the weights and
     no optimizer state) from a Hugging Face Llama directory; returns the checkpoint's path."""
     from plait._version import __version__
-    from plait.config import Config, set_value, to_toml, validate
+    from plait.config import Config, set_value, to_toml
+    from plait.validation import validate
 
     hf_dir, out = Path(hf_dir), Path(out)
     hf_config = read_hf_config(hf_dir)

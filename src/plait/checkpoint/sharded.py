@@ -77,6 +77,23 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 # --- what goes in ----------------------------------------------------------------------------
 
+# Wrappers that training applies (activation checkpointing, compile) insert these into names.
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name in the unmodified model, whatever wrappers training applied."""
+    if name.startswith("module."):  # DistributedDataParallel
+        name = name[len("module."):]
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {canonical_name(name): p for name, p in model.named_parameters()}
+
+
 def model_chunks(model: nn.Module) -> StateChunks:
     """This rank's boxes of every parameter, keyed by the unmodified model's names. The boxes
     are views of the live parameters: loading writes into them."""
@@ -88,8 +105,6 @@ def model_chunks(model: nn.Module) -> StateChunks:
 def _piece_chunks(model: nn.Module, optimizer: ShardedState) -> StateChunks:
     """The boxes of an optimizer that lists its state in pieces: each piece, a run of elements
     of a parameter's local tensor in row-major order, becomes boxes of the whole tensor."""
-    from plait.checkpoint import named_parameters
-
     names = {id(p): name for name, p in named_parameters(model).items()}
     parts: dict[str, list[tuple[tuple[int, ...], torch.Tensor]]] = {}
     shapes: dict[str, tuple[int, ...]] = {}

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from plait.config import override_args
-from plait.planner.types import Layout, Workload
+from plait.layout import Layout, Workload
 
 # Keys that keep a short measuring run quiet and free of anything but training steps.
 QUIET = ["--train.log_every=1", "--train.eval_every=0", "--train.sample_tokens=0", "--checkpoint.every=0",

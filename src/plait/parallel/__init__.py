@@ -1,21 +1,13 @@
-"""Transformations applied to the unmodified model, in one place (`apply.py`): tensor and
-sequence parallelism, activation checkpointing and compilation per block, data parallelism
-(DDP, ZeRO-1, FSDP2 for ZeRO-2/3 and HSDP), each a function over the model and a mesh axis
-(`mesh.py`); pipeline, context and expert parallelism will join the same way.
-`distributed.py` joins and leaves the job torchrun started.
-`apply_layout` and `build_layout_optimizer` load on first use, so that the pure-Python parts
-(`pipeline_plan.py`) import without torch."""
+"""The parallelisms, applied to the unmodified model in one place, in a fixed order
+(`apply.py`: `parallelize` returns the model transformed for its `plait.layout.Layout`, its
+optimizer and what the training step needs of it).
 
-from typing import Any
-
-__all__ = ["apply_layout", "build_layout_optimizer"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from plait.parallel import apply
-
-        value = getattr(apply, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'plait.parallel' has no attribute {name!r}")
+One file per parallelism, each a function over the model and a mesh axis (`mesh.py`): tensor
+and sequence parallelism (`tensor_parallel.py`), context parallelism (`context_parallel.py`,
+ring and Ulysses attention), expert parallelism (`expert_parallel.py`), pipeline stages and
+schedules (`pipeline_parallel.py`; the stage plan is `plait.layout.pipeline`), data parallelism
+(`data_parallel.py` for DDP, `fully_shard.py` for FSDP2's ZeRO-2/3 and HSDP; ZeRO-1 is an
+optimizer, `plait.optim.zero1`), activation checkpointing (`activation_checkpoint.py`). `step.py`
+runs a step's forward and backward over micro-batches, `gather.py` assembles whole weights on
+rank 0, and `job.py` joins and leaves the job torchrun started.
+"""

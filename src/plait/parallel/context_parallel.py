@@ -333,29 +333,3 @@ class UlyssesAttention:
             v_BkNE = v_BkNE.repeat_interleave(groups, dim=1)
         out_BhNE = F.scaled_dot_product_attention(q_BhNE, k_BkNE, v_BkNE, is_causal=True)
         return _AllToAll.apply(out_BhNE, s, False)
-
-
-def context_parallel_problems(kv_heads: int, cp: int, method: str, seq_len: int) -> list[str]:
-    """What stops this model and sequence length from being split over `cp` ranks (empty: fine)."""
-    if cp == 1:
-        return []
-    problems = []
-    if method == "ring" and seq_len % (2 * cp):
-        problems.append(
-            f"train.seq_len = {seq_len} is not divisible by 2 x parallel.cp_degree = {2 * cp} (ring attention "
-            f"cuts each sequence into 2 x cp chunks to balance the causal work); use train.seq_len = "
-            f"{max(2 * cp, seq_len // (2 * cp) * 2 * cp)}"
-        )
-    if method == "ulysses" and seq_len % cp:
-        problems.append(
-            f"train.seq_len = {seq_len} is not divisible by parallel.cp_degree = {cp}; use train.seq_len = "
-            f"{max(cp, seq_len // cp * cp)}"
-        )
-    if method == "ulysses" and kv_heads % cp:
-        valid = [d for d in range(1, kv_heads + 1) if kv_heads % d == 0]
-        problems.append(
-            f"model.kv_heads = {kv_heads} is not divisible by parallel.cp_degree = {cp}: Ulysses gives each "
-            f"rank kv_heads / cp_degree key/value heads (they are not replicated); use parallel.cp_degree in "
-            f"{valid} or parallel.cp_method = \"ring\""
-        )
-    return problems

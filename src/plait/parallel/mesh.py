@@ -18,24 +18,26 @@ from dataclasses import dataclass, field
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from plait.config import Degrees
+from plait.layout import Layout
+from plait.layout.types import MESH_AXES
 
-AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+AXES = MESH_AXES  # outermost first
 
 
 @dataclass
-class Layout:
-    """Degrees and, in a multi-process job, the mesh they span."""
+class Mesh:
+    """A layout's device mesh in a multi-process job (None in one process), and the sub-meshes
+    and process groups the parallelisms take from it."""
 
-    degrees: Degrees
-    mesh: DeviceMesh | None
+    layout: Layout
+    device_mesh: DeviceMesh | None
     device_type: str = "cpu"
     _flat: dict[tuple[str, ...], DeviceMesh] = field(default_factory=dict, repr=False)
 
     def submesh(self, *axes: str) -> DeviceMesh:
         """The sub-mesh over `axes` (in mesh order), e.g. submesh("dp_replicate", "dp_shard")."""
-        assert self.mesh is not None, "no mesh in a single-process run"
-        return self.mesh[axes if len(axes) > 1 else axes[0]]
+        assert self.device_mesh is not None, "no mesh in a single-process run"
+        return self.device_mesh[axes if len(axes) > 1 else axes[0]]
 
     def flat_mesh(self, *axes: str) -> DeviceMesh:
         """One 1-D mesh over the product of `axes` (e.g. every rank that shares a batch slice
@@ -49,29 +51,29 @@ class Layout:
     def dp_group(self):
         """The process group of all data-parallel ranks (replicate x shard) of this position on
         the other axes; None (the default group) when every rank is a data-parallel rank."""
-        assert self.mesh is not None
-        if self.degrees.dp == self.degrees.world:
+        assert self.device_mesh is not None
+        if self.layout.dp == self.layout.world:
             return None
         return self.flat_mesh("dp_replicate", "dp_shard").get_group()
 
     def coordinate(self, axis: str) -> int:
         """This rank's position on one axis (0 in a single process)."""
-        if self.mesh is None:
+        if self.device_mesh is None:
             return 0
-        return self.mesh.get_local_rank(axis)
+        return self.device_mesh.get_local_rank(axis)
 
     def dp_rank(self) -> int:
         """This rank's position among the data-parallel ranks: ranks that differ only on the
         pp, cp or tp axes read the same slice of the batch."""
-        return self.coordinate("dp_replicate") * self.degrees.dp_shard + self.coordinate("dp_shard")
+        return self.coordinate("dp_replicate") * self.layout.dp_shard + self.coordinate("dp_shard")
 
     def ep_mesh(self) -> DeviceMesh:
         """The expert-parallel view: the dp_shard x cp ranks of each (pp, dp_replicate, tp)
         position as (ep_shard, ep), ep innermost. Built on first use; a collective call, so
         every rank must call it in the same order."""
-        assert self.mesh is not None, "no mesh in a single-process run"
+        assert self.device_mesh is not None, "no mesh in a single-process run"
         if ("ep",) not in self._flat:
-            d = self.degrees
+            d = self.layout
             folded = d.dp_shard * d.cp
             assert folded % d.ep == 0, "ep_degree must divide dp_shard x cp (checked by the config)"
             # Rank order is the same as the main mesh (dp_shard then cp vary between pp/dp_replicate
@@ -82,8 +84,9 @@ class Layout:
         return self._flat[("ep",)]
 
 
-def build_layout(degrees: Degrees, device: torch.device) -> Layout:
-    if degrees.world == 1:
-        return Layout(degrees, None, device.type)
-    shape = (degrees.pp, degrees.dp_replicate, degrees.dp_shard, degrees.cp, degrees.tp)
-    return Layout(degrees, init_device_mesh(device.type, shape, mesh_dim_names=AXES), device.type)
+def build_mesh(layout: Layout, device: torch.device) -> Mesh:
+    """The mesh `layout`'s world spans (a collective: every rank calls it); none in one process."""
+    if layout.world == 1:
+        return Mesh(layout, None, device.type)
+    shape = (layout.pp, layout.dp_replicate, layout.dp_shard, layout.cp, layout.tp)
+    return Mesh(layout, init_device_mesh(device.type, shape, mesh_dim_names=AXES), device.type)

@@ -10,10 +10,11 @@ What is here:
   per rank it is the rank's model itself; with several (interleaved schedules) each chunk is a
   `Transformer` whose submodules are the rank model's own, so parameters, optimizer and
   checkpoints see one model per rank with the original names;
-- `Pipeline`: the stages and the schedule, one training step, and gradient clipping by the
-  global norm over every stage.
+- `Pipeline`: the stages and the schedule, one training step, gradient clipping by the global
+  norm over every stage, and evaluation and the end-of-run sample on whole weights gathered
+  onto rank 0 (`gather_pipeline_model`: no rank holds the whole model).
 
-The stage plan (which layers each stage holds, balanced by cost) is `pipeline_plan`.
+The stage plan (which layers each stage holds, balanced by cost) is `plait.layout.pipeline`.
 
 Numerics (why the loss equals the single-process one): the schedule splits the rank's batch into
 m micro-batches; the loss function returns each micro-batch's mean cross-entropy divided by m
@@ -26,6 +27,7 @@ Shape legend: B batch (sequences), T sequence, D hidden, V vocabulary.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
@@ -39,11 +41,13 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
 )
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from plait.model import Transformer, build_model
-from plait.parallel.mesh import Layout
-from plait.parallel.pipeline_plan import PipelinePlan, build_pipeline_plan
+from plait.model import Transformer, build_model, materialize
+from plait.layout.pipeline import PipelinePlan, build_pipeline_plan
+from plait.parallel.mesh import Mesh
+from plait.parallel.step import MicroBatchHooks, evaluate_batches
 from plait.parallel.tensor_parallel import loss_parallel_context, tp_cross_entropy
 
 # The attribute of a split model that holds its `RankStages` (a plain attribute, not a submodule,
@@ -78,10 +82,10 @@ def pipeline_of(model: nn.Module) -> RankStages | None:
     return getattr(model, _ATTR, None)
 
 
-def split_for_rank(model: Transformer, layout: Layout, virtual_stages: int, seq_len: int) -> PipelinePlan:
+def split_for_rank(model: Transformer, mesh: Mesh, seq_len: int) -> PipelinePlan:
     """Delete, in place, what this rank's stages do not hold; return the whole pipeline's plan."""
-    plan = build_pipeline_plan(model.args, seq_len, layout.degrees.pp, virtual_stages)
-    pp_rank = layout.coordinate("pp")
+    plan = build_pipeline_plan(model.args, seq_len, mesh.layout.pp, mesh.layout.pp_virtual_stages)
+    pp_rank = mesh.coordinate("pp")
     stage_ids = plan.stages_of_rank(pp_rank)
     keep = {str(i) for s in stage_ids for i in plan.layers_of_stage[s]}
     for key in [k for k in model.layers if k not in keep]:
@@ -91,8 +95,8 @@ def split_for_rank(model: Transformer, layout: Layout, virtual_stages: int, seq_
     if plan.num_stages - 1 not in stage_ids:
         model.norm = None
         model.output = None
-    others = [axis for axis in ("dp_replicate", "dp_shard", "cp", "tp") if layout.coordinate(axis) != 0]
-    info = RankStages(plan, pp_rank, stage_ids, layout.submesh("pp").get_group(), representative=not others)
+    others = [axis for axis in ("dp_replicate", "dp_shard", "cp", "tp") if mesh.coordinate(axis) != 0]
+    info = RankStages(plan, pp_rank, stage_ids, mesh.submesh("pp").get_group(), representative=not others)
     setattr(model, _ATTR, info)  # survives FSDP's in-place class swap (the instance dict is kept)
     return plan
 
@@ -141,13 +145,14 @@ class Pipeline:
     ) -> None:
         info = pipeline_of(model)
         assert info is not None, "split the model with split_for_rank first"
-        self.info, self.tp, self.num_microbatches = info, tp, num_microbatches
+        self.model, self.info, self.tp, self.num_microbatches = model, info, tp, num_microbatches
         self.autocast = autocast if autocast is not None else nullcontext()
         chunks = pipeline_chunks(model)
         self.stages = [
             PipelineStage(chunk, stage_index=s, num_stages=info.plan.num_stages, device=device, group=info.pp_group)
             for chunk, s in zip(chunks, info.stage_ids)
         ]
+        self.schedule_name = schedule
         cls = _SCHEDULES[schedule]
         # scale_grads=False: the loss is already divided by the number of micro-batches.
         if cls in (ScheduleGPipe, Schedule1F1B):
@@ -177,6 +182,37 @@ class Pipeline:
             return torch.stack([x.detach() for x in losses]).sum() * self.info.plan.pp_degree
         return torch.zeros((), device=batch_BT1.device)
 
+    def describe(self) -> str:
+        """The start-of-run line: the schedule, its micro-batches and the stages' layers."""
+        return f"pipeline: {self.schedule_name}, {self.num_microbatches} micro-batches per step; {self.info.plan.describe()}"
+
+    def forward_backward(self, batch_BT1: torch.Tensor, hooks: MicroBatchHooks) -> torch.Tensor:
+        """The step through the schedule, as `AccumulatedStep.forward_backward` (the hooks are
+        for mixture-of-experts layers, which do not run under a pipeline)."""
+        step_loss = torch.zeros((), device=batch_BT1.device)
+        step_loss += self.train_step(batch_BT1)
+        return step_loss
+
+    def evaluate(self, batches: Iterable[torch.Tensor], device: torch.device) -> float:
+        """Validation loss: the stages hold parts of the model, so rank 0 evaluates a whole copy
+        gathered from them (the checkpoint's cost in memory, as the end-of-run sample) and
+        broadcasts the number, so that every rank returns the same value."""
+        plain = self.gather_whole(device)
+        loss = torch.zeros((), dtype=torch.float64, device=device)
+        if plain is not None:
+            loss.fill_(evaluate_batches(plain, batches, device, self.autocast))
+        dist.broadcast(loss, src=0)
+        return loss.item()
+
+    def gather_whole(self, device: torch.device) -> nn.Module | None:
+        """A plain model with the whole weights on rank 0 (None on the others); a collective."""
+        tensors = gather_pipeline_model(self.model)
+        if dist.get_rank() != 0:
+            return None
+        plain = materialize(build_model(self.model.args), device, seed=0)
+        plain.load_state_dict(tensors)
+        return plain
+
     @torch.no_grad()
     def clip_grad_norm(self, parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
         """Clip by the global gradient norm of the whole model: each rank's squared norm (each
@@ -196,3 +232,25 @@ class Pipeline:
             (g._local_tensor if isinstance(g, DTensor) else g).mul_(coef.to(g.dtype))
         return total
 
+
+
+# Whole tensors on every rank of a stage's group (cpu_offload would keep them on global rank 0
+# only, which is not a member of the later stages' groups).
+_WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=False)
+
+
+def gather_pipeline_model(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter whole on rank 0 (empty elsewhere), in the unsplit model's order: each
+    rank assembles its stages' tensors over its own data/tensor-parallel group, the first rank of
+    each group (the stage's representative) sends them to rank 0, which merges the stages."""
+    info = pipeline_of(model)
+    assert info is not None
+    state = get_model_state_dict(model, options=_WHOLE)
+    local = {name: t.detach().cpu().contiguous().clone() for name, t in state.items()}
+    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(local if info.representative else None, gathered, dst=0)
+    if gathered is None:
+        return {}
+    order = {name: i for i, name in enumerate(dict(build_model(model.args).named_parameters()))}  # meta: free
+    merged = {name: t for part in gathered if part is not None for name, t in part.items()}
+    return dict(sorted(merged.items(), key=lambda item: order.get(item[0], len(order))))

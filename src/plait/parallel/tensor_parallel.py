@@ -7,7 +7,6 @@ What is here:
 - `apply_tensor_parallel`, which turns the table into `parallelize_module` plans (one per block,
   one for the top-level modules) and applies them in place to the unmodified model;
 - `loss_parallel_context` and `tp_cross_entropy`, the loss on vocabulary-sharded logits;
-- `tensor_parallel_problems`, the shape checks the config validator runs before any worker starts.
 
 The layout (Megatron-LM, Shoeybi et al. 2019; sequence parallelism, Korthikanti et al. 2022):
 q/k/v/gate/up are split by output features (column-wise: whole heads, whole MLP columns per rank),
@@ -38,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import math
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 
@@ -57,6 +55,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from plait.layout.rules import tensor_parallel_problem
 from plait.model.sizes import ModelArgs
 
 # The style names of the tables below. Each is built fresh per module: a ParallelStyle holds
@@ -180,9 +179,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     if tp_mesh.ndim != 1:
         raise ValueError(f"apply_tensor_parallel needs a 1-D mesh (e.g. mesh['tp']), got {tp_mesh.ndim} dimensions")
     args: ModelArgs = model.args
-    problems = _shape_problems(args, tp_mesh.size())
-    if problems:
-        raise ValueError("; ".join(problems))
+    problem = tensor_parallel_problem(args, tp_mesh.size())  # validated before; for callers by hand
+    if problem is not None:
+        raise ValueError(problem.message)
     table = tensor_parallel_plan(sequence_parallel)
 
     # Blocks one by one (a pipeline stage may hold only some of them, keyed by their global index).
@@ -252,88 +251,6 @@ def tp_cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torc
     if isinstance(loss, DTensor):
         loss = loss.to_local()
     return loss
-
-
-def _degrees_that_fit(args: ModelArgs) -> list[int]:
-    sizes = [args.heads, args.kv_heads, args.hidden, args.ffn] + ([args.vocab] if args.vocab is not None else [])
-    return [d for d in range(1, args.kv_heads + 1) if all(size % d == 0 for size in sizes)]
-
-
-def _shape_problems(args: ModelArgs, tp_degree: int) -> list[str]:
-    """The model shapes that do not split over `tp_degree` ranks (tp_degree >= 2)."""
-    fit = ", ".join(map(str, _degrees_that_fit(args)))
-    where = f"parallel.tp_degree = {tp_degree}"
-    problems = []
-    if args.heads % tp_degree:
-        problems.append(
-            f"model.heads = {args.heads} is not divisible by {where} (each rank computes whole query heads); "
-            f"valid tp_degree: {fit}"
-        )
-    elif args.hidden % tp_degree:
-        # Implied by the heads check when hidden is a multiple of heads; named separately otherwise.
-        problems.append(f"model.hidden = {args.hidden} is not divisible by {where}; valid tp_degree: {fit}")
-    if args.kv_heads < tp_degree:
-        # Replicating key/value heads across ranks (as Megatron does for GQA) is not implemented.
-        problems.append(
-            f"model.kv_heads = {args.kv_heads} is smaller than {where}: each rank needs at least one whole "
-            f"key/value head, and replicating key/value heads is not supported; use tp_degree <= {args.kv_heads} "
-            f"(valid: {fit}) or raise model.kv_heads to a multiple of {tp_degree} that divides model.heads"
-        )
-    elif args.kv_heads % tp_degree:
-        problems.append(
-            f"model.kv_heads = {args.kv_heads} is not divisible by {where} (each rank computes whole key/value "
-            f"heads); valid tp_degree: {fit}"
-        )
-    if args.ffn % tp_degree:
-        problems.append(
-            f"the MLP width {args.ffn} (model.ffn_hidden) is not divisible by {where}; set model.ffn_hidden to a "
-            f"multiple of {tp_degree} (e.g. {-(-args.ffn // tp_degree) * tp_degree}) or use tp_degree among: {fit}"
-        )
-    if args.vocab is not None and args.vocab % tp_degree:
-        padded = -(-args.vocab // tp_degree) * tp_degree
-        problems.append(
-            f"model.vocab = {args.vocab} is not divisible by {where} (the embedding and output head are split "
-            f"by vocabulary rows); set model.vocab = {padded}, or leave model.vocab unset with "
-            f"model.vocab_multiple a multiple of {tp_degree}"
-        )
-    return problems
-
-
-def tensor_parallel_problems(
-    args: ModelArgs, tp_degree: int, sequence_parallel: bool, seq_len: int, vocab_multiple: int | None = None
-) -> list[str]:
-    """Every reason this model cannot run with this tensor-parallel layout, as messages for people.
-
-    Empty when the layout works. Pure Python: the config validator calls it before any worker
-    starts. `vocab_multiple` (model.vocab_multiple) is checked when `args.vocab` is still unset,
-    since the vocabulary will then be padded to a multiple of it.
-    """
-    problems = []
-    if sequence_parallel and tp_degree <= 1:
-        problems.append(
-            f"parallel.sequence_parallel = true needs parallel.tp_degree > 1 (it splits the tensor-parallel "
-            f"norm regions), but parallel.tp_degree = {tp_degree}; set parallel.sequence_parallel = false "
-            f"or parallel.tp_degree >= 2"
-        )
-    if tp_degree < 1:
-        problems.append(f"parallel.tp_degree = {tp_degree} must be at least 1")
-    if tp_degree <= 1:
-        return problems
-    problems += _shape_problems(args, tp_degree)
-    if args.vocab is None and vocab_multiple is not None and vocab_multiple % tp_degree:
-        problems.append(
-            f"model.vocab_multiple = {vocab_multiple} is not a multiple of parallel.tp_degree = {tp_degree}, so "
-            f"the padded vocabulary may not split over the ranks; set model.vocab_multiple = "
-            f"{math.lcm(vocab_multiple, tp_degree)}"
-        )
-    if sequence_parallel and seq_len % tp_degree:
-        options = sorted({-(-seq_len // tp_degree) * tp_degree, seq_len // tp_degree * tp_degree} - {0})
-        problems.append(
-            f"train.seq_len = {seq_len} is not divisible by parallel.tp_degree = {tp_degree} (sequence "
-            f"parallelism splits every sequence over the ranks); set train.seq_len = "
-            + " or ".join(map(str, options))
-        )
-    return problems
 
 
 @torch.no_grad()

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from plait.config import Config, ConfigError, ModelSection, resolve_model_args
-from plait.planner.types import Candidate, Layout, MemoryEstimate, TimeEstimate, Workload
+from plait.config import Config, ConfigError, ModelSection
+from plait.layout import Layout, Workload
+from plait.planner.types import Candidate, MemoryEstimate, TimeEstimate
+from plait.validation import resolve_model_args
 
 __all__ = ["Candidate", "Layout", "MemoryEstimate", "TimeEstimate", "Workload", "workload_from_config", "model_keys"]
 

@@ -8,7 +8,8 @@ from typing import Any
 from plait.config import to_toml
 from plait.hardware.devices import Cluster
 from plait.planner.memory import HOST_RESERVED, host_bytes_per_node, memory_ratios, usable_host_bytes
-from plait.planner.types import Candidate, Workload
+from plait.layout import Workload
+from plait.planner.types import Candidate
 
 GIB = 2**30
 

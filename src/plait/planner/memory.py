@@ -12,7 +12,7 @@ paper's bookkeeping), tensor by tensor where the count can be exact:
   the padded shard); ZeRO-1 (`zero1.py`) keeps the full gradients until the end of backward, then
   a flat bucket padded to a multiple of the shard degree, and holds an fp32 copy of its slice of the
   parameters next to the moments of that slice. Expert weights are split over ep and FSDP-sharded
-  over the ranks holding the same experts. Pipeline stages hold the layers of `pipeline_plan`'s
+  over the ranks holding the same experts. Pipeline stages hold the layers of `plait.layout.pipeline`'s
   balanced split; the most loaded pipeline rank is reported.
 - activations are the tensors autograd saves for backward, counted from plait's forward op by op
   (fp32 on CPU; bf16 autocast on GPUs keeps norms and the residual stream in fp32 and casts each
@@ -35,7 +35,10 @@ from dataclasses import dataclass
 
 from plait.hardware.devices import Cluster
 from plait.model.sizes import ModelArgs
-from plait.planner.types import Layout, MemoryEstimate, Workload
+from plait.layout import Layout, Workload
+from plait.layout.pipeline import build_pipeline_plan
+from plait.optim import OPTIMIZERS
+from plait.planner.types import MemoryEstimate
 
 FP32 = 4
 # A stated allowance for the caching allocator's fragmentation: a share of the dynamic part
@@ -114,11 +117,9 @@ def _states(tensors: list[_Tensor], layout: Layout, fsdp: int, expert_fsdp: int)
 @functools.lru_cache(maxsize=4096)
 def _stage_layers(args: ModelArgs, seq_len: int, pp: int, virtual: int) -> tuple[tuple[int, bool, bool], ...]:
     """Per pipeline rank: (layers held, holds the embedding, holds the output head), from plait's
-    own balanced split (pipeline_plan.py, pure Python)."""
+    own balanced split (plait.layout.pipeline, pure Python)."""
     if pp == 1:
         return ((args.layers, True, True),)
-    from plait.parallel.pipeline_plan import build_pipeline_plan
-
     plan = build_pipeline_plan(args, seq_len, pp, virtual)
     ranks = []
     for r in range(pp):
@@ -235,7 +236,8 @@ def estimate_memory_by_stage(workload: Workload, layout: Layout) -> list[MemoryE
         local = sum(g.local for g in groups)
         sharded = sum(g.sharded for g in groups)
         tensors = sum(g.tensors for g in groups)
-        parts, host = _model_states(layout, local, sharded, tensors, first, last, block, embed, head_states, args, act != FP32)
+        parts, host = _model_states(layout, local, sharded, tensors, first, last, block, embed, head_states, args, act != FP32,
+                                     OPTIMIZERS[workload.optimizer].state_bytes_per_param)
 
         # Activations of one micro-batch on this rank.
         per_block = _block_activations(args, layout, b, t, act)
@@ -284,23 +286,25 @@ def estimate_memory_by_stage(workload: Workload, layout: Layout) -> list[MemoryE
 
 def _model_states(
     layout: Layout, local: int, sharded: int, tensors: int, first: bool, last: bool,
-    block: _States, embed: _States, head: _States, args: ModelArgs, autocast: bool,
+    block: _States, embed: _States, head: _States, args: ModelArgs, autocast: bool, state_bytes: int,
 ) -> tuple[dict[str, int], dict[str, int]]:
-    """(device parts, host parts) of the model states and the compute copies of the weights."""
-    zero, shards = layout.zero_stage, layout.dp_shard
+    """(device parts, host parts) of the model states and the compute copies of the weights.
+    `state_bytes`: the optimizer's state per parameter element (its `OptimizerSpec`; AdamW's two
+    fp32 moments are 8), plus a 4-byte step tensor per parameter tensor."""
+    zero = layout.zero_stage
     parts: dict[str, int] = {}
     host: dict[str, int] = {}
     zero1_optimizer = layout.dp > 1 and (zero == 1 or (zero == 0 and layout.tp > 1))
     if zero >= 2:
         params, grads = sharded, sharded  # FSDP2: padded shards; gradients one padded flat per unit
         # zeros_like of rank 0's shard: its unpadded size equals the padded one.
-        optim = 2 * sharded * FP32 + tensors * FP32
+        optim = sharded * state_bytes + tensors * FP32
     elif zero1_optimizer:
         params, grads = local, local  # full gradients exist at the end of backward
-        optim = _zero1_optimizer_bytes(args, layout, local)
+        optim = _zero1_optimizer_bytes(args, layout, local, state_bytes)
     else:
         params, grads = local, local
-        optim = 2 * local * FP32 + tensors * FP32
+        optim = local * state_bytes + tensors * FP32
     params_b, grads_b = params * FP32, grads * FP32
     if layout.cpu_offload and zero == 3:
         # CPUOffloadPolicy: the sharded fp32 parameters live on the host (copied to the device
@@ -335,9 +339,9 @@ def _model_states(
     return parts, host
 
 
-def _zero1_optimizer_bytes(args: ModelArgs, layout: Layout, local: int) -> int:
-    """ZeRO-1 AdamW on the most loaded rank: an fp32 copy of its slice of the flat bucket
-    (ceil(P / N) elements, the bucket padded to a multiple of N), Adam moments for the part of
+def _zero1_optimizer_bytes(args: ModelArgs, layout: Layout, local: int, state_bytes: int) -> int:
+    """ZeRO-1 on the most loaded rank: an fp32 copy of its slice of the flat bucket
+    (ceil(P / N) elements, the bucket padded to a multiple of N), the state (AdamW's moments) for the part of
     the slice that holds parameters, and one step tensor per parameter group (matrices, then
     vectors, in bucket order) the slice overlaps."""
     shards = layout.dp_shard
@@ -349,7 +353,7 @@ def _zero1_optimizer_bytes(args: ModelArgs, layout: Layout, local: int) -> int:
         lo, hi = r * s, min((r + 1) * s, local)
         held = max(0, hi - lo)
         groups = int(lo < matrices and hi > lo) + int(hi > matrices and held > 0)
-        worst = max(worst, s * FP32 + 2 * held * FP32 + groups * FP32)
+        worst = max(worst, s * FP32 + held * state_bytes + groups * FP32)
     return worst
 
 

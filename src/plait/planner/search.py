@@ -2,10 +2,10 @@
 
 Pure Python. `enumerate_layouts` walks the degrees (tp, cp, pp, the data-parallel split and its
 ZeRO stage, ep) and the knobs (sequence parallelism, schedule and virtual stages, context method,
-offload, micro-batch, activation checkpointing) under the rules of `plait.config_checks`, which
-are restated here without torch (tests/unit/test_planner_search.py checks every emitted layout
-against `validate`). `check_layout` states the same rules for one layout given from outside the
-search (`candidate()` calls it: the estimators price any layout, even one `plait train` refuses).
+offload, micro-batch, activation checkpointing) and keeps those that pass `plait.layout.rules`,
+the rules `plait train` validates with (tests/unit/test_layout_rules.py checks that both agree on
+every emitted layout). `check_layout` (check.py) applies the same rules to one layout given from
+outside the search (`candidate()` calls it: the estimators price any layout).
 `plan` estimates memory and time, drops what does not fit (device memory, and host memory per
 node for CPU offload and the "cpu" device: `memory_fits`) and ranks the rest by predicted
 tokens/s per GPU.
@@ -24,9 +24,11 @@ from typing import Any
 from plait.hardware.devices import Cluster
 from plait.model.flops import flops_per_token
 from plait.planner.memory import estimate_memory, memory_fits, memory_ratios
-from plait.planner.rules import PlanError, check_layout, pinned_layout
+from plait.planner.check import PlanError, check_layout, pinned_layout
 from plait.planner.timing import estimate_time
-from plait.planner.types import Candidate, Layout, Workload
+from plait.layout import CP_METHODS, Layout, Workload
+from plait.layout.rules import micro_batch_problem, structure_problem
+from plait.planner.types import Candidate
 
 MAX_MICRO_BATCH = 32  # sequences per forward; beyond this the time model gains nothing
 MAX_CP = 64
@@ -36,7 +38,7 @@ ZERO_BUBBLE_VIRTUAL_STAGES = (1, 2)
 # What `--layout` / `pins` may fix: a Layout field (or "dp": dp_replicate x dp_shard).
 PIN_KEYS = ("tp", "pp", "cp", "ep", "dp", "dp_replicate", "dp_shard", "zero_stage", "micro_batch_size",
             "activation_checkpointing", "sequence_parallel", "pp_schedule", "pp_virtual_stages", "cp_method",
-            "cpu_offload")
+            "cpu_offload", "compile")
 PIN_ALIASES = {"zero": "zero_stage", "mb": "micro_batch_size", "ac": "activation_checkpointing",
                "sp": "sequence_parallel", "schedule": "pp_schedule", "v": "pp_virtual_stages",
                "offload": "cpu_offload", "replicate": "dp_replicate", "shard": "dp_shard"}
@@ -67,139 +69,120 @@ def _powers_of_two(limit: int) -> list[int]:
     return out
 
 
-def _ok(pins: dict[str, Any], key: str, value: Any) -> bool:
-    return key not in pins or pins[key] == value
+def tp_options(cluster: Cluster) -> list[int]:
+    """Tensor-parallel degrees the search tries: within a node (where the fast link is), dividing
+    the cluster. Which of them split the model is `plait.layout.rules`'."""
+    return [tp for tp in _divisors(cluster.gpus_per_node) if cluster.gpus % tp == 0]
 
 
-def tp_options(workload: Workload, cluster: Cluster) -> list[int]:
-    """Tensor-parallel degrees plait can split this model by, at most a node."""
-    a = workload.model
-    if a.moe_experts:
-        return [1]  # the tensor-parallel plan covers dense MLPs only
-    out = []
-    for tp in _divisors(cluster.gpus_per_node):
-        sizes = (a.heads, a.kv_heads, a.hidden, a.ffn, a.vocab or 1)
-        if cluster.gpus % tp == 0 and tp <= a.kv_heads and all(s % tp == 0 for s in sizes):
-            out.append(tp)
-    return out
+def cp_options(world: int) -> list[tuple[int, str]]:
+    """(cp, method): no context parallelism, or a power of two up to MAX_CP with either method."""
+    return [(1, "ring")] + [(cp, method) for cp in _powers_of_two(min(world, MAX_CP))[1:] for method in CP_METHODS]
 
 
-def cp_options(workload: Workload, world: int) -> list[tuple[int, str]]:
-    out: list[tuple[int, str]] = [(1, "ring")]
-    for cp in _powers_of_two(min(world, MAX_CP))[1:]:
-        if workload.seq_len % (2 * cp) == 0:
-            out.append((cp, "ring"))
-        if workload.seq_len % cp == 0 and workload.model.kv_heads % cp == 0:
-            out.append((cp, "ulysses"))
-    return out
-
-
-def _data_splits(dp: int, cp: int, pp: int) -> Iterator[tuple[int, int, int]]:
-    """(dp_replicate, dp_shard, zero_stage) for `dp` data-parallel ranks."""
+def _data_splits(dp: int) -> Iterator[tuple[int, int, int]]:
+    """(dp_replicate, dp_shard, zero_stage) for `dp` data-parallel ranks: DDP, ZeRO-1/2/3 over all
+    of them, and ZeRO-2/3 over a power-of-two shard group with replicas across (HSDP)."""
     if dp == 1:
         yield 1, 1, 0  # no data parallelism, nothing for ZeRO to shard
         return
-    if pp == 1:
-        yield dp, 1, 0  # DDP
-        if cp == 1:
-            yield 1, dp, 1  # ZeRO-1 (not with context or pipeline parallelism)
-    for stage in (2, 3):
+    yield dp, 1, 0  # DDP
+    for stage in (1, 2, 3):
         yield 1, dp, stage
-        if cp == 1:  # HSDP: shards within a group, replicas across (not with context parallelism)
-            for shard in _powers_of_two(dp // 2)[1:]:
-                if dp % shard == 0 and shard < dp:
-                    yield dp // shard, shard, stage
+    for stage in (2, 3):
+        for shard in _powers_of_two(dp // 2)[1:]:
+            if dp % shard == 0 and shard < dp:
+                yield dp // shard, shard, stage
 
 
-def _schedules(workload: Workload, pp: int) -> list[tuple[str, int]]:
+def _schedules(pp: int) -> list[tuple[str, int]]:
+    """(schedule, virtual stages per rank) the search tries for a pipeline of `pp` ranks."""
     if pp == 1:
         return [("1f1b", 1)]
-    layers = workload.model.layers
-    out = [("gpipe", 1), ("1f1b", 1)]
-    out += [("interleaved-1f1b", v) for v in INTERLEAVED_VIRTUAL_STAGES if layers >= pp * v]
-    out += [("zero-bubble", v) for v in ZERO_BUBBLE_VIRTUAL_STAGES if layers >= pp * v]
-    return out
+    return ([("gpipe", 1), ("1f1b", 1)] + [("interleaved-1f1b", v) for v in INTERLEAVED_VIRTUAL_STAGES]
+            + [("zero-bubble", v) for v in ZERO_BUBBLE_VIRTUAL_STAGES])
 
 
 def structures(workload: Workload, cluster: Cluster, pins: dict[str, Any] | None = None) -> Iterator[Layout]:
-    """The degrees and every knob but micro-batch and checkpointing, each with its most frugal
-    micro-batch (the smallest the schedule accepts) and checkpointing on."""
+    """The degrees and every knob but micro-batch and checkpointing that `plait train` accepts,
+    each with its most frugal micro-batch (the smallest the schedule takes) and checkpointing on.
+
+    The search proposes (the pruning above: tp within a node, powers of two, the data-parallel
+    splits, the schedules), and `plait.layout.rules` disposes: no rule is restated here."""
     pins = check_pins(pins)
-    a, world = workload.model, cluster.gpus
-    sequences = workload.global_batch_sequences
-    for tp in tp_options(workload, cluster):
-        if not _ok(pins, "tp", tp):
-            continue
-        for sp in ((False, True) if tp > 1 and workload.seq_len % tp == 0 else (False,)):
-            if not _ok(pins, "sequence_parallel", sp):
+    world, compile_ = cluster.gpus, bool(pins.get("compile", False))
+    for tp in tp_options(cluster):
+        for cp, method in cp_options(world // tp):
+            if world % (tp * cp):
                 continue
-            for cp, method in cp_options(workload, world // tp):
-                if (cp > 1 and tp > 1) or world % (tp * cp) or not _ok(pins, "cp", cp) \
-                        or (cp > 1 and not _ok(pins, "cp_method", method)):
-                    continue
-                pps = [1] if (cp > 1 or a.moe_experts or a.tie_embeddings) else \
-                    [p for p in _divisors(world // (tp * cp)) if p <= a.layers]
-                for pp in pps:
-                    if not _ok(pins, "pp", pp):
-                        continue
-                    dp = world // (tp * cp * pp)
-                    if sequences % dp or not _ok(pins, "dp", dp):
-                        continue
-                    yield from _with_data(workload, pins, tp, sp, cp, method, pp, dp)
+            for pp in _divisors(world // (tp * cp)):
+                dp = world // (tp * cp * pp)
+                for replicate, shard, stage in _data_splits(dp):
+                    for ep in [1] + [e for e in _divisors(workload.model.moe_experts) if e > 1]:
+                        for sp, offload, (schedule, v) in _knobs(tp, stage, ep, pp):
+                            base = Layout(pp=pp, dp_replicate=replicate, dp_shard=shard, cp=cp, tp=tp, ep=ep,
+                                          zero_stage=stage, sequence_parallel=sp, pp_schedule=schedule,
+                                          pp_virtual_stages=v, cp_method=method, cpu_offload=offload,
+                                          mixed_precision=stage >= 2 and workload.dtype == "bf16", compile=compile_)
+                            if _pinned(base, pins) and structure_problem(base, workload) is None \
+                                    and next(_valid_variants(base, workload, pins), None) is not None:
+                                yield base
 
 
-def _with_data(workload: Workload, pins: dict[str, Any], tp: int, sp: bool, cp: int, method: str,
-               pp: int, dp: int) -> Iterator[Layout]:
-    a = workload.model
-    per_rank = workload.global_batch_sequences // dp
-    for replicate, shard, stage in _data_splits(dp, cp, pp):
-        if not (_ok(pins, "dp_replicate", replicate) and _ok(pins, "dp_shard", shard) and _ok(pins, "zero_stage", stage)):
+def _knobs(tp: int, stage: int, ep: int, pp: int) -> Iterator[tuple[bool, bool, tuple[str, int]]]:
+    """(sequence parallelism, CPU offload, schedule) to try."""
+    for sp in (False, True):
+        for offload in (False, True):
+            for schedule in _schedules(pp):
+                yield sp, offload, schedule
+
+
+def _pinned(layout: Layout, pins: dict[str, Any]) -> bool:
+    """Whether `layout` has every pinned value ("dp" is dp_replicate x dp_shard; the schedule and
+    virtual stages pin only pipelines, the context method only context-parallel layouts)."""
+    for key, value in pins.items():
+        if key in ("micro_batch_size", "activation_checkpointing", "compile"):
+            continue  # per variant, or the same for all
+        if key == "dp":
+            have = layout.dp
+        elif key in ("pp_schedule", "pp_virtual_stages") and layout.pp == 1:
             continue
-        eps = [1]
-        if a.moe_experts and stage >= 2 and cp == 1:
-            eps += [e for e in _divisors(a.moe_experts) if e > 1 and (shard * cp) % e == 0]
-        for ep in eps:
-            if not _ok(pins, "ep", ep):
-                continue
-            for offload in ((False, True) if stage == 3 and ep == 1 else (False,)):
-                if not _ok(pins, "cpu_offload", offload):
-                    continue
-                for schedule, v in _schedules(workload, pp):
-                    if pp > 1 and not (_ok(pins, "pp_schedule", schedule) and _ok(pins, "pp_virtual_stages", v)):
-                        continue
-                    base = Layout(pp=pp, dp_replicate=replicate, dp_shard=shard, cp=cp, tp=tp, ep=ep,
-                                  zero_stage=stage, sequence_parallel=sp, pp_schedule=schedule,
-                                  pp_virtual_stages=v, cp_method=method, cpu_offload=offload,
-                                  mixed_precision=stage >= 2 and workload.dtype == "bf16")
-                    if micro_batch_sizes(base, per_rank, pins):
-                        yield base
+        elif key == "cp_method" and layout.cp == 1:
+            continue
+        else:
+            have = getattr(layout, key)
+        if have != value:
+            return False
+    return True
 
 
 def micro_batch_sizes(base: Layout, per_rank: int, pins: dict[str, Any]) -> list[int]:
-    """Micro-batch sizes (ascending) that divide a rank's sequences and suit the schedule."""
+    """Micro-batch sizes (ascending) the search tries: powers of two up to MAX_MICRO_BATCH that
+    divide a rank's sequences, or the pinned one; under a pipeline at least one micro-batch per
+    stage for every schedule (plait train would raise the count otherwise)."""
     out = []
     sizes = [pins["micro_batch_size"]] if "micro_batch_size" in pins else _powers_of_two(min(per_rank, MAX_MICRO_BATCH))
     for mb in sizes:
-        if mb < 1 or per_rank % mb:
-            continue
-        m = per_rank // mb
-        if base.pp > 1:
-            if m < base.pp:  # every schedule here wants a micro-batch per stage (plait raises the count otherwise)
-                continue
-            if base.pp_schedule not in ("gpipe", "1f1b") and m % (m // base.pp):
-                continue  # interleaved schedules run rounds of pp micro-batches
-        out.append(mb)
+        if isinstance(mb, int) and not isinstance(mb, bool) and mb >= 1 and per_rank % mb == 0 \
+                and per_rank // mb >= base.pp:
+            out.append(mb)
     return out
 
 
 def variants(base: Layout, workload: Workload, pins: dict[str, Any]) -> Iterator[Layout]:
-    """`base` with each micro-batch size and checkpointing choice, the most frugal first."""
-    pins = check_pins(pins)
+    """`base` (a layout `structures` yields) with each micro-batch size and checkpointing choice
+    that `plait train` accepts, the most frugal first."""
+    return _valid_variants(base, workload, check_pins(pins))
+
+
+def _valid_variants(base: Layout, workload: Workload, pins: dict[str, Any]) -> Iterator[Layout]:
     per_rank = workload.global_batch_sequences // base.dp
     acs = (True, False) if "activation_checkpointing" not in pins else (bool(pins["activation_checkpointing"]),)
     for ac in acs:
         for mb in micro_batch_sizes(base, per_rank, pins):
-            yield base.replace(micro_batch_size=mb, activation_checkpointing=ac)
+            layout = base.replace(micro_batch_size=mb, activation_checkpointing=ac)
+            if micro_batch_problem(layout, workload) is None:
+                yield layout
 
 
 def enumerate_layouts(workload: Workload, cluster: Cluster, pins: dict[str, Any] | None = None) -> Iterator[Layout]:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from plait.hardware.devices import Cluster, Link
 from plait.model.flops import count_params, flops_per_token, mlp_params
-from plait.planner.types import Layout, TimeEstimate, Workload
+from plait.layout import Layout, Workload
+from plait.planner.types import TimeEstimate
 
 # Host <-> device copies for cpu_offload (PCIe 4.0 x16 sustains about 25 GB/s per direction)
 # and the CPU's AdamW update rate for offloaded states (parameters per second, a few cores).

@@ -23,7 +23,7 @@ import torch
 
 from plait.config import Config
 from plait.data import TrainLoader
-from plait.parallel.distributed import DistInfo, min_across_ranks
+from plait.parallel.job import DistInfo, min_across_ranks
 
 MAX_ROLLBACKS = 3
 _FIX = 'lower optim.lr or raise optim.warmup_steps, or check the data'

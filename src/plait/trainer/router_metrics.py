@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from plait.model.moe import moe_layers
-from plait.parallel.distributed import DistInfo, mean_across_ranks
+from plait.parallel.job import DistInfo, mean_across_ranks
 
 
 class RouterMetrics:

@@ -381,7 +381,7 @@ class Watchdog:
 
 def start_watchdog(timeout_s: float, rank: int, world_size: int) -> Watchdog:
     """The watchdog of this worker: over the job's store when torchrun started several workers."""
-    from plait.parallel.distributed import job_store_address
+    from plait.parallel.job import job_store_address
 
     address = job_store_address() if world_size > 1 else None
     if address is None:

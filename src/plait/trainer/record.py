@@ -1,43 +1,21 @@
-"""Everything the loop needs decided before step 1: device, precision, derived batch numbers,
-the run directory and its config.toml."""
+"""What a run records about itself before step 1: the numbers derived from the config, the
+layout and the model (printed at start, written into `RUN_DIR/config.toml`'s header), and the
+resolved config with the model's shape written out."""
 
 from __future__ import annotations
 
 import dataclasses
-import resource
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from plait.config import Config, ConfigError, micro_batch_size, to_toml
+from plait.config import Config, to_toml
+from plait.layout import Layout
 from plait.model import ModelArgs, count_params, flops_per_token
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device = {name!r} is not a device; use auto, cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device = {name!r} but this machine has no CUDA GPU; use auto or cpu")
-    return device
-
-
-def pick_dtype(name: str, device: torch.device) -> str:
-    """"auto" is bf16 on a GPU and fp32 on a CPU: without AMX, a CPU's bf16 matmul is slower than
-    its fp32 one (measured: 100 vs 220 GFLOP/s on a 2-core AVX-512 Xeon), see docs/training.md."""
-    if name != "auto":
-        return name
-    return "bf16" if device.type == "cuda" else "fp32"
 
 
 @dataclass(frozen=True)
 class Derived:
-    """Numbers computed once from the config and the model, printed and saved with the run."""
+    """Numbers computed once from the config, the layout and the model."""
 
     tokens_per_step: int
     sequences_per_step: int
@@ -53,25 +31,21 @@ class Derived:
         return [f"{f.name} = {getattr(self, f.name)!r}" for f in dataclasses.fields(self)]
 
 
-def derive(cfg: Config, args: ModelArgs, device: torch.device, dp_degree: int = 1) -> Derived:
+def derive(cfg: Config, layout: Layout, args: ModelArgs, device: str, dtype: str) -> Derived:
+    """The step's shape: tokens and sequences per step, sequences per forward (the layout's
+    micro-batch, which the pipeline's micro-batch count may have set), accumulation steps."""
     t = cfg.train
     sequences = t.global_batch_tokens // t.seq_len
-    micro = micro_batch_size(t, dp_degree)
-    if cfg.parallel.pp_degree > 1:  # the pipeline's micro-batch count (parallel.pp_microbatches) sets the split
-        from plait.parallel.pipeline_plan import pipeline_microbatches
-
-        micro = sequences // dp_degree // pipeline_microbatches(cfg.parallel.pp_microbatches, sequences // dp_degree, micro, cfg.parallel.pp_degree)
-    accumulation = sequences // (micro * dp_degree)
     return Derived(
         tokens_per_step=t.global_batch_tokens,
         sequences_per_step=sequences,
-        micro_batch_size=micro,
-        accumulation_steps=accumulation,
-        dp_degree=dp_degree,
+        micro_batch_size=layout.micro_batch_size,
+        accumulation_steps=sequences // (layout.micro_batch_size * layout.dp),
+        dp_degree=layout.dp,
         params=count_params(args).total,
-        flops_per_token=flops_per_token(args, t.seq_len, recompute=t.activation_checkpointing),
-        dtype=pick_dtype(t.dtype, device),
-        device=str(device),
+        flops_per_token=flops_per_token(args, t.seq_len, recompute=layout.activation_checkpointing),
+        dtype=dtype,
+        device=device,
     )
 
 
@@ -99,14 +73,6 @@ def write_run_config(run_dir: Path, cfg: Config, derived: Derived) -> Path:
     tmp.write_text("\n".join(header) + "\n\n" + to_toml(cfg.to_dict()))
     tmp.replace(path)
     return path
-
-
-def memory_bytes(device: torch.device) -> int:
-    """Peak memory: allocated GPU memory on CUDA, the process's peak resident set on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
 def config_lines(cfg: Config) -> list[str]:

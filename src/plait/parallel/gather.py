@@ -1,9 +1,10 @@
-"""Whole (unsharded) model weights gathered onto rank 0 from any layout.
+"""Whole (unsharded) model weights on rank 0, from any layout but the pipeline (whose stages are
+merged by `plait.parallel.pipeline_parallel.gather_pipeline_model`).
 
 Checkpoints do not use this (every rank writes its own part, see `plait.checkpoint.sharded`).
-The end-of-run sample and a pipeline run's evaluation do: they run a plain copy of the model in
-one process. Gathering uses PyTorch's distributed state-dict helpers, which strip wrapper names
-and assemble FSDP/DTensor shards, and lands on rank 0 in CPU memory.
+The end-of-run sample does, and exports in tests and benches: they run a plain copy of the model
+in one process. PyTorch's distributed state-dict helpers strip wrapper names and assemble FSDP
+and DTensor shards, and the result lands on rank 0 in CPU memory.
 """
 
 from __future__ import annotations
@@ -12,16 +13,12 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from plait.checkpoint.pipeline_state import gather_pipeline_model, is_pipelined
-
 Tensors = dict[str, torch.Tensor]
 
 
 def gather_model(model: nn.Module, distributed: bool) -> Tensors:
     """Every parameter whole, by the unmodified model's names, on rank 0 (a collective when
-    `distributed`; other ranks get an empty dict or their copy)."""
-    if is_pipelined(model):  # each stage's ranks hold part of the model: merged on rank 0
-        return gather_pipeline_model(model)
+    `distributed`; other ranks get an empty dict)."""
     # full_state_dict assembles DTensor shards; only rank 0 keeps the result, on the CPU.
     options = StateDictOptions(full_state_dict=distributed, cpu_offload=distributed)
     state = get_model_state_dict(model, options=options)

@@ -1,6 +1,7 @@
-"""The pipeline as data: which layers each stage holds, which rank runs it, and the rules a
-pipeline config must meet. Pure Python over the model's shape (no torch.distributed), so the
-config checks can use it before any worker starts.
+"""The pipeline as data: the schedule names, which layers each stage holds, which rank runs it,
+and how many micro-batches a step sends through. Pure Python over the model's shape, so the
+config checks and the planner use it before any worker starts; the rules a pipeline layout must
+meet are in `plait.layout.rules`.
 
 A pipeline of `pp_degree` ranks with `pp_virtual_stages` model chunks per rank has
 S = pp_degree x pp_virtual_stages stages. Stage s holds a contiguous run of layers, and is run by
@@ -129,72 +130,3 @@ def pipeline_microbatches(pp_microbatches: int, per_rank_sequences: int, micro_b
         fits = [d for d in range(pp_degree, per_rank_sequences + 1, pp_degree) if per_rank_sequences % d == 0]
         m = fits[0] if fits else m
     return m
-
-
-def pipeline_problems(
-    args: ModelArgs,
-    pp_degree: int,
-    schedule: str,
-    pp_microbatches: int,
-    virtual_stages: int,
-    per_rank_sequences: int | None,
-    micro_batch_size: int,
-) -> list[str]:
-    """What keeps this pipeline config from running, each with the field, the value and the fix.
-    `per_rank_sequences` (sequences per step of one data-parallel rank) is None when the number
-    of workers, and so the data-parallel degree, is not known yet."""
-    problems: list[str] = []
-    if schedule not in SCHEDULES:
-        return [f"parallel.pp_schedule = {schedule!r} is not a schedule; use one of {', '.join(SCHEDULES)}"]
-    if virtual_stages < 1:
-        return [f"parallel.pp_virtual_stages = {virtual_stages} must be at least 1"]
-    if pp_microbatches < 0:
-        return [f"parallel.pp_microbatches = {pp_microbatches} must be >= 0 (0: derived from train.micro_batch_size)"]
-    if schedule in SINGLE_CHUNK_SCHEDULES and virtual_stages != 1:
-        problems.append(
-            f"parallel.pp_virtual_stages = {virtual_stages} needs an interleaved schedule, but parallel.pp_schedule = "
-            f"{schedule!r} runs one chunk per rank; set parallel.pp_schedule = \"interleaved-1f1b\" or pp_virtual_stages = 1"
-        )
-    if schedule == "interleaved-1f1b" and virtual_stages < 2:
-        problems.append(
-            "parallel.pp_schedule = \"interleaved-1f1b\" needs parallel.pp_virtual_stages >= 2 (model chunks per rank); "
-            "set parallel.pp_virtual_stages = 2, or parallel.pp_schedule = \"1f1b\""
-        )
-    stages = pp_degree * virtual_stages
-    if args.layers < stages:
-        problems.append(
-            f"model.layers = {args.layers} cannot fill parallel.pp_degree x pp_virtual_stages = {pp_degree} x "
-            f"{virtual_stages} = {stages} stages of at least one layer; use model.layers >= {stages} or fewer stages"
-        )
-    if args.tie_embeddings:
-        problems.append(
-            "model.tie_embeddings = true with parallel.pp_degree > 1: the first and last pipeline stages would each "
-            "need the shared embedding matrix, which plait does not yet keep in sync across stages; set "
-            "model.tie_embeddings = false (or pick a model without tied embeddings)"
-        )
-    if per_rank_sequences is None:
-        return problems
-    m = pipeline_microbatches(pp_microbatches, per_rank_sequences, micro_batch_size, pp_degree)
-    if per_rank_sequences % m:
-        options = [d for d in range(1, per_rank_sequences + 1) if per_rank_sequences % d == 0 and d >= pp_degree]
-        problems.append(
-            f"parallel.pp_microbatches = {m} does not divide the {per_rank_sequences} sequences of a data-parallel "
-            f"rank's step; pick one of {options}"
-        )
-    elif schedule != "gpipe" and m < pp_degree:
-        # 1F1B needs a micro-batch for every stage to fill its steady phase (PyTorch refuses fewer),
-        # and the interleaved schedules order their rounds by pp_degree micro-batches.
-        problems.append(
-            f"parallel.pp_schedule = {schedule!r} needs at least parallel.pp_degree = {pp_degree} micro-batches, "
-            f"but a step has {m} (parallel.pp_microbatches = {pp_microbatches}, {per_rank_sequences} sequences per "
-            f"data-parallel rank); set parallel.pp_microbatches = {pp_degree} or more (dividing {per_rank_sequences}), "
-            f"or lower train.micro_batch_size"
-        )
-    elif schedule not in SINGLE_CHUNK_SCHEDULES and m % (m // pp_degree):
-        # PyTorch's interleaved schedules run m // pp_degree rounds of equal size.
-        problems.append(
-            f"parallel.pp_schedule = {schedule!r} runs micro-batches in rounds of parallel.pp_degree = {pp_degree}: "
-            f"parallel.pp_microbatches = {m} must be a multiple of the {m // pp_degree} rounds; use a multiple of "
-            f"{pp_degree}"
-        )
-    return problems
