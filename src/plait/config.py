@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from plait.errors import ConfigError
+from plait.layout.pipeline import Schedule
+from plait.layout.types import CpMethod
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -182,8 +184,9 @@ class ParallelSection:
     cpu_offload: bool = False
     # Pipeline stages: the layers are split into stages that run on different ranks.
     pp_degree: int = 1
-    # "gpipe", "1f1b", "interleaved-1f1b" (needs pp_virtual_stages > 1) or "zero-bubble".
-    pp_schedule: Literal["gpipe", "1f1b", "interleaved-1f1b", "zero-bubble"] = "1f1b"
+    # "gpipe", "1f1b", "interleaved-1f1b" (needs pp_virtual_stages > 1) or "zero-bubble"
+    # (plait.layout.pipeline.Schedule).
+    pp_schedule: Schedule = "1f1b"
     # Micro-batches per step through the pipeline (per data-parallel rank); 0: derived from
     # train.micro_batch_size (each pipeline micro-batch is one train micro-batch).
     pp_microbatches: int = 0
@@ -192,7 +195,7 @@ class ParallelSection:
     # Context parallelism: each sequence is split over this many ranks (long inputs).
     cp_degree: int = 1
     # "ring" (key/value shards travel around the ring) or "ulysses" (all-to-all to head shards).
-    cp_method: Literal["ring", "ulysses"] = "ring"
+    cp_method: CpMethod = "ring"
     # Expert parallelism (mixture-of-experts models): experts spread over this many ranks, taken
     # from the data-parallel shard and context axes (it must divide dp_shard_degree x cp_degree).
     ep_degree: int = 1

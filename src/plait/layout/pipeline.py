@@ -17,10 +17,14 @@ then get fewer transformer layers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from plait.model.sizes import ModelArgs
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zero-bubble")
+# The schedules (PyTorch's GPipe, 1F1B, interleaved 1F1B and interleaved zero-bubble), named once:
+# the config's `parallel.pp_schedule` and `Layout.pp_schedule` take this type.
+Schedule = Literal["gpipe", "1f1b", "interleaved-1f1b", "zero-bubble"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 # Schedules that run one model chunk per rank; the others run pp_virtual_stages chunks.
 SINGLE_CHUNK_SCHEDULES = ("gpipe", "1f1b")
 

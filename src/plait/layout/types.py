@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
+from plait.layout.pipeline import Schedule
 from plait.model.sizes import ModelArgs
 
 # Mesh axes whose degrees multiply to the world, outermost first (plait.parallel.mesh).
 MESH_AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-CP_METHODS = ("ring", "ulysses")
+# Context parallelism's attention, named once (the config's `parallel.cp_method` takes this type).
+CpMethod = Literal["ring", "ulysses"]
+CP_METHODS: tuple[str, ...] = get_args(CpMethod)
 
 
 @dataclass(frozen=True)
@@ -58,9 +61,9 @@ class Layout:
     micro_batch_size: int = 1
     activation_checkpointing: bool = False
     compile: bool = False
-    pp_schedule: Literal["gpipe", "1f1b", "interleaved-1f1b", "zero-bubble"] = "1f1b"
+    pp_schedule: Schedule = "1f1b"
     pp_virtual_stages: int = 1
-    cp_method: Literal["ring", "ulysses"] = "ring"
+    cp_method: CpMethod = "ring"
     cpu_offload: bool = False
     # FSDP2 mixed precision (bf16 compute copies of fp32 sharded parameters): ZeRO-2/3 only, as
     # in `[parallel]`. Off by default, like `parallel.mixed_precision`; unsharded bf16 layouts
