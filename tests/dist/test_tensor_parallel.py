@@ -134,7 +134,7 @@ def test_parity_with_unsharded(results: dict, layout: str) -> None:
 
 
 def test_apply_rejects_bad_shapes(results: dict) -> None:
-    assert "model.vocab = 255 is not divisible by parallel.tp_degree = 2" in results["rejects_bad_vocab"]
+    assert "parallel.tp_degree = 2 does not divide model.vocab = 255" in results["rejects_bad_vocab"]
 
 
 def test_plan_tables_expand_per_block() -> None:

@@ -74,3 +74,31 @@ def test_loopback_rendezvous_refuses_other_endpoints_and_nodes():
         _create_loopback(RendezvousParameters("plait-loopback", "10.0.0.1:29400", "r", 1, 1))
     with pytest.raises(ValueError, match="for one node"):
         _create_loopback(RendezvousParameters("plait-loopback", "", "r", 2, 2))
+
+
+def test_a_worker_trains_the_resolved_run_without_validating_again(tmp_path, monkeypatch, capsys):
+    """What `plait train --nproc-per-node` hands its workers is the validated, resolved run: a
+    worker trains it as given, with no validation, resolution or planning of its own (here one
+    process plays the worker; refusing any of those calls proves none is made)."""
+    import plait.validation
+    from plait.cli import main
+    from plait.launch import RESOLVED_RUN_ENV
+    from plait.validation import build_config, resolve_run
+
+    cfg = build_config(None, ["--model.name=debug", "--train.seq_len=64", "--train.global_batch_tokens=512",
+                              "--train.micro_batch_size=4", "--train.steps=2", "--train.eval_every=0",
+                              "--train.sample_tokens=0", "--run.progress=none", "--run.tensorboard=false",
+                              "--checkpoint.every=0", f"--run.dir={tmp_path / 'run'}"])
+    resolved = resolve_run(cfg, 1)
+    import plait.api
+
+    for module in (plait.validation, plait.api):  # also where the entry points hold the names
+        for name in ("validate", "resolve_run", "check_fields", "checked_layout", "resolve_for_job"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("a worker validated again"))
+    monkeypatch.setenv(RESOLVED_RUN_ENV, resolved.to_json())
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert main(["train", "--train.steps=99"]) == 0  # the worker's own arguments are not read
+    assert "done: step 2" in capsys.readouterr().out
+    assert (tmp_path / "run" / "config.toml").is_file()
