@@ -23,34 +23,45 @@ def train(config: Config | None = None, **overrides: object) -> "TrainResult":
     several workers that needs `parallel.cluster_profile`).
     """
     from plait.config import set_value
+    from plait.parallel.job import launched_local_world_size, launched_rank, launched_world_size
     from plait.trainer import train as run_training
 
     cfg = config if config is not None else Config()
     for key, value in overrides.items():
         set_value(cfg, key.replace("__", "."), value)
-    return run_training(resolve_for_job(cfg))
-
-
-def resolve_for_job(cfg: Config) -> "ResolvedRun":
-    """`cfg` validated and resolved for the job this process is part of (torchrun's WORLD_SIZE
-    workers, or one), its layout planned first when `parallel.auto` is on; rank 0 then prints
-    the plan and writes plan.txt."""
-    from plait.parallel.job import launched_local_world_size, launched_rank, launched_world_size
-
     world = launched_world_size()
-    if not cfg.parallel.auto:
-        return resolve_run(cfg, world)
-    from plait.autoplan import plan_for_job
+    # Under torchrun (world > 1) a restart of the job must resume from the checkpoints it wrote:
+    # there the trainer's own check applies; in one process refuse before a plan is written.
+    run = resolve_for_job(cfg, world, launched_local_world_size(), shared=world > 1,
+                          announce=launched_rank() == 0, guard_checkpoints=world == 1)
+    return run_training(run)
 
-    validate(cfg, world)  # every other key first, so that a bad one is named as such
-    if world == 1:  # before the plan writes into run.dir (under torchrun, a restart must resume)
+
+def resolve_for_job(cfg: Config, world: int, local_workers: int, *, shared: bool, announce: bool,
+                    guard_checkpoints: bool) -> ResolvedRun:
+    """`cfg` validated and resolved for a job of `world` workers, `local_workers` per node: the
+    one check of a config at an entry point (`plait.train`, and `plait train`'s launcher).
+
+    With `parallel.auto` the layout is planned first (`plan_for_job`; `shared`: several processes
+    plan this job, so they need one profile), and `announce` prints the plan and writes plan.txt.
+    `guard_checkpoints`: refuse a run directory holding checkpoints under `checkpoint.resume =
+    false` here, before anything (a plan, a measured profile) is written into it."""
+    if cfg.parallel.auto:
+        validate(cfg, world)  # the fields and the pins first, so that a bad key is named as such
+    else:
+        run = resolve_run(cfg, world)
+    if guard_checkpoints:
         from plait.checkpoint import refuse_checkpoints_without_resume
 
         refuse_checkpoints_without_resume(cfg.run_dir, cfg.checkpoint.resume)
-    planned = plan_for_job(cfg, world, launched_local_world_size(), shared=world > 1)
-    if launched_rank() == 0:
-        planned.write(echo=cfg.run.progress != "none")
-    return planned.run
+    if cfg.parallel.auto:
+        from plait.autoplan import plan_for_job
+
+        planned = plan_for_job(cfg, world, local_workers, shared=shared)
+        if announce:
+            planned.write(echo=cfg.run.progress != "none")
+        run = planned.run
+    return run
 
 
 @dataclass

@@ -217,27 +217,14 @@ def _launch(args: argparse.Namespace, overrides: list[str]) -> int:
     """Validate and resolve the run once, here, for every worker of the job, then start them with
     it (they check nothing again). With parallel.auto the layout is planned here once; each
     node's launcher plans for itself, so several nodes need one profile (plan_for_job says so)."""
+    from plait.api import resolve_for_job
     from plait.launch import launch
     from plait.parallel.job import check_gpus_per_node
-    from plait.validation import resolve_run, validate
 
-    world = args.nproc_per_node * args.nnodes
     cfg = parse_config(args.config, overrides)
-    if cfg.parallel.auto:
-        validate(cfg, world)  # the fields and the pins; the layout is planned below
-    else:
-        resolved = resolve_run(cfg, world)
     check_gpus_per_node(cfg.train.device, args.nproc_per_node)
-    if not cfg.checkpoint.resume:  # before a plan or a measured profile is written into run.dir
-        from plait.checkpoint import refuse_checkpoints_without_resume
-
-        refuse_checkpoints_without_resume(cfg.run_dir, resume=False)
-    if cfg.parallel.auto:
-        from plait.autoplan import plan_for_job
-
-        planned = plan_for_job(cfg, world, args.nproc_per_node, shared=args.nnodes > 1)
-        planned.write(echo=cfg.run.progress != "none")
-        resolved = planned.run
+    resolved = resolve_for_job(cfg, args.nproc_per_node * args.nnodes, args.nproc_per_node, shared=args.nnodes > 1,
+                               announce=True, guard_checkpoints=True)
     return launch(args, restartable(resolved))
 
 

@@ -115,7 +115,7 @@ class TrainSection:
 class OptimSection:
     """Optimizer and learning-rate schedule."""
 
-    # A name of plait.optim.OPTIMIZERS (docs/training.md lists them).
+    # A name of the optimizer table, plait.optim.OPTIMIZERS.
     name: str = "adamw"
     lr: float = 3e-3
     min_lr_ratio: float = 0.1

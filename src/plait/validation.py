@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from plait.config import Config, ConfigError, ModelSection, _nearest, apply_dict, parse_config
 from plait.layout import Layout, Workload, check_layout_rules, resolve_layout
-from plait.layout.resolve import check_parallel_values, fills_world
+from plait.layout.resolve import WORLD_DEGREES, check_parallel_values, fills_world
 from plait.model.sizes import NAMED_SIZES
 from plait.optim import OPTIMIZERS
 
@@ -47,11 +47,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     job's world), left to the start of the job. With `parallel.auto` the layout is planned at
     start-up (`plait.autoplan`) and only the ranges of the keys it keeps as pins are checked."""
     check_fields(cfg)
-    if cfg.parallel.auto:
-        check_parallel_values(cfg.parallel)
-        return
-    if world_size is None and fills_world(cfg.parallel):
-        check_parallel_values(cfg.parallel)
+    if cfg.parallel.auto or (world_size is None and fills_world(cfg.parallel)):
+        check_parallel_values(cfg.parallel)  # each key's range; the layout comes later
         return
     checked_layout(cfg, world_size)
 
@@ -126,8 +123,7 @@ def checked_layout(cfg: Config, world_size: int | None) -> Layout:
     resolved and checked against every rule of `plait.layout.rules`."""
     p = cfg.parallel
     if world_size is None:
-        world_size = math.prod(getattr(p, key) for key in ("pp_degree", "dp_replicate_degree", "dp_shard_degree",
-                                                              "cp_degree", "tp_degree"))
+        world_size = math.prod(getattr(p, key) for key in WORLD_DEGREES)
     workload = workload_of(cfg)
     layout = resolve_layout(p, cfg.train, world_size, workload)
     check_layout_rules(layout, workload)

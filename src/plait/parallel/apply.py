@@ -38,21 +38,18 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from plait.config import OptimSection
 from plait.layout import Layout
-from plait.model import build_model, materialize
 from plait.optim import build_optimizer
 from plait.optim.zero1 import Zero1Optimizer, build_zero1_optimizer
 from plait.parallel.activation_checkpoint import apply_activation_checkpointing
 from plait.parallel.context_parallel import apply_context_parallel, context_sharding
 from plait.parallel.data_parallel import apply_data_parallel
-from plait.parallel.fully_shard import apply_fully_shard
 from plait.parallel.expert_parallel import apply_expert_fully_shard, apply_expert_parallel, apply_global_load_balance, moe_layers
-from plait.parallel.gather import gather_model
+from plait.parallel.fully_shard import apply_fully_shard
 from plait.parallel.mesh import Mesh
 from plait.parallel.pipeline_parallel import Pipeline, pipeline_chunks, split_for_rank
 from plait.parallel.step import AccumulatedStep, MicroBatchHooks
@@ -173,17 +170,7 @@ class Parallelized:
         """A plain one-process model with the whole weights on rank 0 (None on the others), for
         sampling: gathered where the layout splits parameters or sequences (a collective), the
         module itself where every rank holds all of it."""
-        if isinstance(self.runner, Pipeline):
-            return self.runner.gather_whole(device)
-        lay = self.layout
-        if not (lay.tp > 1 or lay.zero_stage >= 2 or lay.cp > 1):
-            return self.module
-        tensors = gather_model(self.model, distributed=True)
-        if dist.get_rank() != 0:
-            return None
-        plain = materialize(build_model(self.module.args), device, seed=0)
-        plain.load_state_dict(tensors)
-        return plain
+        return self.runner.gather_whole(device)
 
 
 def parallelize(module: nn.Module, mesh: Mesh, optim: OptimSection, seq_len: int, accumulation_steps: int,
@@ -199,6 +186,7 @@ def parallelize(module: nn.Module, mesh: Mesh, optim: OptimSection, seq_len: int
         runner = pipeline
     else:
         cp = context_sharding(mesh.submesh("cp"), lay.cp_method) if lay.cp > 1 else None
-        runner = AccumulatedStep(model, module, lay.micro_batch_size, accumulation_steps, lay.tp > 1, cp, autocast)
+        split = lay.tp > 1 or lay.zero_stage >= 2 or lay.cp > 1  # parameters or sequences over ranks
+        runner = AccumulatedStep(model, module, lay.micro_batch_size, accumulation_steps, lay.tp > 1, cp, autocast, split)
     clip = build_grad_clipper(model, optimizer, lay, pipeline)
     return Parallelized(mesh, model, module, optimizer, runner, clip)

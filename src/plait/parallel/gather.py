@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from plait.model import ModelArgs, build_model, materialize
+
 Tensors = dict[str, torch.Tensor]
 
 
@@ -23,3 +25,10 @@ def gather_model(model: nn.Module, distributed: bool) -> Tensors:
     options = StateDictOptions(full_state_dict=distributed, cpu_offload=distributed)
     state = get_model_state_dict(model, options=options)
     return {name: t.detach().contiguous().clone() for name, t in state.items()}
+
+
+def plain_model(args: ModelArgs, tensors: Tensors, device: torch.device) -> nn.Module:
+    """A one-process model of `args` holding `tensors` (whole weights gathered from a layout)."""
+    plain = materialize(build_model(args), device, seed=0)  # the seed is overwritten by the weights
+    plain.load_state_dict(tensors)
+    return plain

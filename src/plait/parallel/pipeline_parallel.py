@@ -44,8 +44,9 @@ from torch.distributed.pipelining import (
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from plait.model import Transformer, build_model, materialize
+from plait.model import Transformer, build_model
 from plait.layout.pipeline import PipelinePlan, build_pipeline_plan
+from plait.parallel.gather import plain_model
 from plait.parallel.mesh import Mesh
 from plait.parallel.step import MicroBatchHooks, evaluate_batches
 from plait.parallel.tensor_parallel import loss_parallel_context, tp_cross_entropy
@@ -207,11 +208,7 @@ class Pipeline:
     def gather_whole(self, device: torch.device) -> nn.Module | None:
         """A plain model with the whole weights on rank 0 (None on the others); a collective."""
         tensors = gather_pipeline_model(self.model)
-        if dist.get_rank() != 0:
-            return None
-        plain = materialize(build_model(self.model.args), device, seed=0)
-        plain.load_state_dict(tensors)
-        return plain
+        return plain_model(self.model.args, tensors, device) if dist.get_rank() == 0 else None
 
     @torch.no_grad()
     def clip_grad_norm(self, parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:

@@ -2,8 +2,8 @@
 gradient accumulation over micro-batches, and evaluation.
 
 `AccumulatedStep` runs every layout but the pipeline (which runs its own schedule over the
-micro-batches: `plait.parallel.pipeline_parallel.Pipeline`); both offer `forward_backward` and
-`evaluate`, so the training loop calls one object whatever the layout. What differs by
+micro-batches: `plait.parallel.pipeline_parallel.Pipeline`); both offer `forward_backward`,
+`evaluate` and `gather_whole`, so the training loop calls one object whatever the layout. What differs by
 parallelism is set once, here, from the layout: the vocabulary-parallel loss context (tensor
 parallelism), the split of each sequence over the context-parallel ranks, and DDP's gradient
 all-reduce on the last micro-batch only.
@@ -23,10 +23,12 @@ from contextlib import AbstractContextManager
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from plait.parallel.context_parallel import ContextSharding
 from plait.parallel.data_parallel import gradient_sync
+from plait.parallel.gather import gather_model, plain_model
 from plait.parallel.tensor_parallel import loss_parallel_context, tp_cross_entropy
 
 
@@ -76,10 +78,11 @@ class AccumulatedStep:
     wrapper (DDP on the last micro-batch, FSDP per micro-batch) or by its optimizer (ZeRO-1)."""
 
     def __init__(self, model: nn.Module, module: nn.Module, micro_batch_size: int, accumulation_steps: int,
-                 tp: bool, cp: ContextSharding | None, autocast: AbstractContextManager) -> None:
+                 tp: bool, cp: ContextSharding | None, autocast: AbstractContextManager, split: bool) -> None:
         self.model, self.module = model, module
         self.micro_batch_size, self.accumulation_steps = micro_batch_size, accumulation_steps
         self.tp, self.cp, self.autocast = tp, cp, autocast
+        self.split = split  # the layout splits the parameters or the sequences over ranks
 
     def forward_backward(self, batch_BT1: torch.Tensor, hooks: MicroBatchHooks) -> torch.Tensor:
         """The step's loss (this rank's share, detached); gradients are left in the parameters."""
@@ -101,3 +104,12 @@ class AccumulatedStep:
     def evaluate(self, batches: Iterable[torch.Tensor], device: torch.device) -> float:
         """Validation loss on the unwrapped model (every rank the same number)."""
         return evaluate_batches(self.module, batches, device, self.autocast, self.tp, self.cp)
+
+    def gather_whole(self, device: torch.device) -> nn.Module | None:
+        """A one-process model with the whole weights on rank 0 (None on the others): gathered
+        where the layout splits the parameters or the sequences (a collective), else the module
+        itself, whole on every rank."""
+        if not self.split:
+            return self.module
+        tensors = gather_model(self.model, distributed=True)
+        return plain_model(self.module.args, tensors, device) if dist.get_rank() == 0 else None

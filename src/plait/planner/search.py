@@ -119,7 +119,7 @@ def structures(workload: Workload, cluster: Cluster, pins: dict[str, Any] | None
                 dp = world // (tp * cp * pp)
                 for replicate, shard, stage in _data_splits(dp):
                     for ep in [1] + [e for e in _divisors(workload.model.moe_experts) if e > 1]:
-                        for sp, offload, (schedule, v) in _knobs(tp, stage, ep, pp):
+                        for sp, offload, (schedule, v) in _knobs(pp):
                             base = Layout(pp=pp, dp_replicate=replicate, dp_shard=shard, cp=cp, tp=tp, ep=ep,
                                           zero_stage=stage, sequence_parallel=sp, pp_schedule=schedule,
                                           pp_virtual_stages=v, cp_method=method, cpu_offload=offload,
@@ -129,8 +129,9 @@ def structures(workload: Workload, cluster: Cluster, pins: dict[str, Any] | None
                                 yield base
 
 
-def _knobs(tp: int, stage: int, ep: int, pp: int) -> Iterator[tuple[bool, bool, tuple[str, int]]]:
-    """(sequence parallelism, CPU offload, schedule) to try."""
+def _knobs(pp: int) -> Iterator[tuple[bool, bool, tuple[str, int]]]:
+    """(sequence parallelism, CPU offload, schedule) to try; the rules drop what does not apply
+    (sequence parallelism without TP, offload without ZeRO-3)."""
     for sp in (False, True):
         for offload in (False, True):
             for schedule in _schedules(pp):

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from plait.checkpoint import latest_checkpoint
+from plait.checkpoint import latest_checkpoint, refuse_checkpoints_without_resume
 from plait.checkpoint.hf import init_model_from
 from plait._version import __version__
 from plait.checkpoint.sharded import (
@@ -102,6 +102,7 @@ def build_run(resolved: ResolvedRun, dist_info: DistInfo) -> Run:
 def _resume(run: Run) -> None:
     """Load the newest intact checkpoint of the run directory, if there is one."""
     cfg, dist_info, run_dir = run.cfg, run.dist, run.cfg.run_dir
+    refuse_checkpoints_without_resume(run_dir, cfg.checkpoint.resume)
     if dist_info.is_main:
         run.early_log += remove_unfinished(run_dir)
     try:
@@ -111,11 +112,6 @@ def _resume(run: Run) -> None:
         raise ConfigError(f"cannot resume run.dir = {str(run_dir)!r}: {err}") from None
     if checkpoint is None:
         return
-    if not cfg.checkpoint.resume:
-        raise ConfigError(
-            f"run.dir = {str(run_dir)!r} already holds checkpoints ({checkpoint.name}) and "
-            f"checkpoint.resume = false; pick a new --run.dir, or drop --checkpoint.resume=false to resume"
-        )
     shapes = {name: p.shape for name, p in build_model(run.args).state_dict().items()}  # meta: free
     try:
         restored = restore(checkpoint, run.par.model, run.par.optimizer, shapes, dist_info.rank,
@@ -136,18 +132,11 @@ def save_checkpoint(run: Run, step: int) -> None:
     chunks = {**model_chunks(par.model), **optimizer_chunks(par.model, par.optimizer), **rng_chunks(run.dist.rank)}
     manifest: dict[str, Any] = {
         "plait_version": __version__, "tokens_seen": run.tokens_seen, "world_size": run.dist.world_size,
-        "layout": _manifest_layout(par),
+        "layout": dataclasses.asdict(par.layout),  # for the record: a checkpoint loads under any layout
         # One global position: every data-parallel rank of any layout takes its share of it.
         "loader": loader.state_dict(),
         "loader_ranks": [loader.sequences_consumed + r * loader.local_batch_sequences for r in range(dp)],
         "optimizer_groups": optimizer_groups(par.optimizer), "config": run.cfg.to_dict(),
     }
     run.checkpointer.save(step, chunks, manifest)
-
-
-def _manifest_layout(par: Parallelized) -> dict[str, int]:
-    """The degrees and ZeRO stage, for the record (a checkpoint loads under any layout)."""
-    lay = par.layout
-    return {"dp_replicate": lay.dp_replicate, "dp_shard": lay.dp_shard, "tp": lay.tp, "pp": lay.pp, "cp": lay.cp,
-            "ep": lay.ep, "zero_stage": lay.zero_stage}
 

@@ -22,7 +22,7 @@ from plait.checkpoint import latest_checkpoint
 from plait.config import ConfigError
 from plait.data import iter_eval_batches
 from plait.model import generate
-from plait.parallel.job import DistInfo, init_distributed, shutdown
+from plait.parallel.job import DistInfo, init_distributed, launched_world_size, shutdown
 from plait.trainer.build import Run, build_run, save_checkpoint
 from plait.trainer.device import pick_device
 from plait.trainer.nan_guard import NanGuard, RollbackRequested
@@ -47,10 +47,10 @@ class TrainResult:
 def train(resolved: ResolvedRun) -> TrainResult:
     """Train (or resume) the run; returns the final numbers and the model. Run by every worker of
     a multi-process job; only rank 0 prints and writes shared files."""
-    dist_info = init_distributed(pick_device(resolved.config.train.device))
-    if dist_info.world_size != resolved.world_size:
-        raise ConfigError(f"this job has {dist_info.world_size} worker(s), but its config was resolved for "
+    if launched_world_size() != resolved.world_size:  # before joining: nothing to leave on refusal
+        raise ConfigError(f"this job has {launched_world_size()} worker(s), but its config was resolved for "
                           f"{resolved.world_size}; start it with plait train --nproc-per-node (or plait.train)")
+    dist_info = init_distributed(pick_device(resolved.config.train.device))
     watchdog = start_watchdog(resolved.config.train.watchdog_timeout, dist_info.rank, dist_info.world_size)
     nan_guard = NanGuard(resolved.config.train.nan_policy, dist_info)
     try:
